@@ -1,0 +1,340 @@
+"""The ``tvbase`` command: parse, validate, call one library function, print.
+
+Exit codes: 0 success, 2 usage error, and one code per error kind (see ``errors.EXIT_CODES``).
+User errors print one line on stderr, never a traceback.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import InvalidInputError, TvbaseError, exit_code
+from .ingest.factorize import FitParams
+from .ingest.quantize import parse_bits
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_budget(text):
+    """'3%' -> 0.03, '0.03' -> 0.03; must lie in (0, 1)."""
+    s = str(text).strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise InvalidInputError(f"budget {text!r} is not a number; write it as '3%' or 0.03") from None
+    if not (0 < value < 1):
+        raise InvalidInputError(f"budget {text!r} is out of range: it must lie strictly between 0% and 100%")
+    return value
+
+
+def parse_items(pairs, list_file):
+    """NAME=PATH arguments (and lines of a list file) -> dict, names in order given."""
+    entries = [(p, None) for p in pairs]
+    if list_file:
+        path = Path(list_file)
+        if not path.is_file():
+            raise InvalidInputError(f"list file {list_file} does not exist")
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entries.append((line, path.parent))
+    items = {}
+    for entry, relative_to in entries:
+        name, sep, location = entry.partition("=")
+        if not sep or not location:
+            raise InvalidInputError(f"{entry!r} is not NAME=PATH (for example math=ckpts/math.safetensors)")
+        if name in items:
+            raise InvalidInputError(f"task name {name!r} is given twice")
+        location = Path(location)
+        if relative_to is not None and not location.is_absolute():
+            location = relative_to / location
+        items[name] = location
+    return items
+
+
+def _fit_params(args, store=None):
+    base = FitParams.from_dict(store.meta["params"]) if store is not None else FitParams()
+    if getattr(args, "budget", None) is not None:
+        base.budget, base.rank = parse_budget(args.budget), None
+    if getattr(args, "rank", None) is not None:
+        base.rank = args.rank
+    if getattr(args, "residual_rank", None) is not None:
+        base.residual_rank = args.residual_rank
+    if getattr(args, "residual_share", None) is not None:
+        base.residual_share = args.residual_share
+    if getattr(args, "bits", None) is not None:
+        base.bits = parse_bits(args.bits)
+    if getattr(args, "dense_bits", None) is not None:
+        base.dense_bits = parse_bits(args.dense_bits)
+    if getattr(args, "clusters", None) is not None:
+        base.n_clusters = "auto" if args.clusters == "auto" else _positive_int(args.clusters, "--clusters")
+    if getattr(args, "max_rank", None) is not None:
+        base.max_rank = args.max_rank
+    return base
+
+
+def _positive_int(text, flag):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InvalidInputError(f"{flag} must be 'auto' or a positive integer, got {text!r}")
+    return value
+
+
+def _print(args, data, table):
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(table)
+
+
+def _fmt_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def format_table(rows, columns):
+    """Plain aligned text table; ``columns`` is a list of (header, key, format)."""
+    cells = [[h for h, _, _ in columns]] + [[fmt.format(r[k]) if r[k] is not None else "-" for _, k, fmt in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_init(args):
+    from .store import Store
+
+    store = Store.create(args.store, args.base, params=_fit_params(args))
+    print(f"created {args.store} for base {args.base} ({len(store.meta['tensors'])} tensors), version {store.version}")
+
+
+def cmd_ingest(args):
+    from .store import Store
+
+    items = parse_items(args.items, args.list)
+    store = Store.open(args.store)
+    version = store.ingest(items, params=_fit_params(args, store), base=args.base, device=args.device, progress=not args.quiet, wait=args.wait)
+    rows = [r for r in store.ls() if r["name"] in items]
+    _print(args, {"version": version, "tasks": rows}, format_table(rows, LS_COLUMNS) + f"\nversion {version}")
+
+
+LS_COLUMNS = [
+    ("task", "name", "{}"),
+    ("cluster", "cluster", "{}"),
+    ("kind", "kind", "{}"),
+    ("stored", "stored_bytes", "{:,}"),
+    ("% of raw", "storage", "{:.2%}"),
+    ("rel. error", "rel_error", "{:.4f}"),
+]
+
+
+def cmd_ls(args):
+    from .store import Store
+
+    rows = Store.open(args.store, at=args.at).ls()
+    _print(args, rows, format_table(rows, LS_COLUMNS) if rows else "(no tasks)")
+
+
+def cmd_info(args):
+    from .store import Store
+
+    info = Store.open(args.store, at=args.at).info()
+    lines = [
+        f"store       {info['path']}",
+        f"version     {info['version']} (format {info['format_version']})",
+        f"base        {info['base']['path']} ({info['base']['tensors']} tensors, sha256 {info['base']['hash'][:12]}...)",
+        f"tasks       {info['tasks']} in {info['clusters']} clusters",
+        f"raw fp32    {_fmt_bytes(info['raw_fp32_bytes'])}",
+        f"factors     {_fmt_bytes(info['factor_bytes'])} ({info['factor_storage']:.2%} of raw)",
+        f"on disk     {_fmt_bytes(info['disk_bytes'])} ({info['disk_storage']:.2%} of raw, all versions)",
+        f"reclaimable {_fmt_bytes(info['reclaimable_bytes'])} (run `tvbase compact`)",
+    ]
+    _print(args, info, "\n".join(lines))
+
+
+def cmd_log(args):
+    from .store import Store
+
+    entries = Store.open(args.store).log()
+    table = format_table(entries, [("version", "id", "{}"), ("time", "time", "{}"), ("message", "message", "{}")])
+    _print(args, entries, table)
+
+
+def cmd_get(args):
+    from .sources import save_checkpoint
+    from .store import Store
+
+    store = Store.open(args.store, at=args.at)
+    tensors = store.iter_composition({args.name: 1.0}, device=args.device, dtype=DTYPES[args.dtype])
+    files = save_checkpoint(((n, t.cpu()) for n, t in tensors), args.output, metadata={"tvbase_task": args.name, "tvbase_version": store.version})
+    print(f"wrote task vector {args.name!r} to {', '.join(map(str, files))}")
+
+
+def cmd_compose(args):
+    from .arithmetic import parse_expression
+    from .sources import save_checkpoint
+    from .store import Store
+
+    store = Store.open(args.store, at=args.at)
+    coefficients = parse_expression(args.expression, known=store.tasks)
+    tensors = store.iter_composition(coefficients, device=args.device, dtype=DTYPES[args.dtype])
+    files = save_checkpoint(((n, t.cpu()) for n, t in tensors), args.output, metadata={"tvbase_expression": args.expression})
+    print(f"wrote {args.expression!r} to {', '.join(map(str, files))}")
+
+
+def cmd_apply(args):
+    from .arithmetic import parse_expression
+    from .export import apply_composition
+    from .store import Store
+
+    store = Store.open(args.store, at=args.at)
+    coefficients = parse_expression(args.expression, known=store.tasks)
+    files = apply_composition(store, coefficients, args.base, args.output, device=args.device)
+    print(f"wrote base + ({args.expression}) to {args.output} ({len(files)} file(s))")
+
+
+def cmd_rm(args):
+    from .store import Store
+
+    version = Store.open(args.store).rm(args.names, wait=args.wait)
+    print(f"removed {', '.join(args.names)}; version {version}")
+
+
+def cmd_compact(args):
+    from .store import Store
+
+    store = Store.open(args.store)
+    version = store.compact(params=_fit_params(args, store), device=args.device, progress=not args.quiet, wait=args.wait)
+    rows = store.ls()
+    _print(args, {"version": version, "tasks": rows}, format_table(rows, LS_COLUMNS) + f"\nversion {version}")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(cache=args.cache, budget=parse_budget(args.budget) if args.budget else None, json_output=args.json)
+
+
+def _add_fit_options(p):
+    g = p.add_argument_group("factorization")
+    g.add_argument("--budget", help="stored bytes as a fraction of raw fp32 task vectors, e.g. 3%% or 0.03 (default 3%%)")
+    g.add_argument("--rank", type=int, help="explicit rank for every matrix instead of a budget")
+    g.add_argument("--residual-rank", type=int, help="with --rank: per-task residual rank on top of the shared fit")
+    g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.25)")
+    g.add_argument("--bits", help="factor precision: int8 (default), int4, int2, fp16, fp32")
+    g.add_argument("--dense-bits", help="precision of biases and norms: fp16 (default), int8, fp32, ...")
+    g.add_argument("--clusters", help="number of task clusters, or auto (eigengap; default)")
+    g.add_argument("--max-rank", type=int, help="largest rank considered per matrix (default 256)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tvbase", description="Store many fine-tunes of one base model as a compact task-vector basis.")
+    parser.add_argument("--version", action="version", version=f"tvbase {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def device(p):
+        p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+
+    def reader(p):
+        p.add_argument("--at", metavar="VERSION", help="read this version (id, unique prefix or tag) instead of the latest")
+
+    def writer(p):
+        p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for another writer's lock")
+
+    def listing(p):
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("init", cmd_init, "create a store for one base model")
+    p.add_argument("store")
+    p.add_argument("--base", required=True, help="base model: .safetensors file or sharded directory")
+    _add_fit_options(p)
+
+    p = command("ingest", cmd_ingest, "add fine-tuned checkpoints as tasks (one commit)")
+    p.add_argument("store")
+    p.add_argument("items", nargs="*", metavar="NAME=PATH")
+    p.add_argument("--list", metavar="FILE", help="file with one NAME=PATH per line (paths relative to the file)")
+    p.add_argument("--base", help="where the base model is now, if it moved since init")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_fit_options(p)
+    device(p), writer(p), listing(p)
+
+    p = command("get", cmd_get, "rebuild one task vector into a safetensors file")
+    p.add_argument("store")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file (or directory for shards)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    device(p), reader(p)
+
+    p = command("compose", cmd_compose, "rebuild a composition such as '0.5*math + 0.3*code - toxic'")
+    p.add_argument("store")
+    p.add_argument("expression")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    device(p), reader(p)
+
+    p = command("apply", cmd_apply, "write base + composition as a loadable checkpoint")
+    p.add_argument("store")
+    p.add_argument("expression")
+    p.add_argument("--base", required=True, help="the base model the store was created for")
+    p.add_argument("-o", "--output", required=True, help="output directory (sharded safetensors + index when large) or .safetensors file")
+    device(p), reader(p)
+
+    p = command("ls", cmd_ls, "list tasks: cluster, stored bytes, relative error")
+    p.add_argument("store")
+    reader(p), listing(p)
+
+    p = command("info", cmd_info, "store summary: size on disk against raw fp32")
+    p.add_argument("store")
+    reader(p), listing(p)
+
+    p = command("log", cmd_log, "list versions, newest first")
+    p.add_argument("store")
+    listing(p)
+
+    p = command("rm", cmd_rm, "remove tasks (one commit; compact reclaims their bytes)")
+    p.add_argument("store")
+    p.add_argument("names", nargs="+")
+    writer(p)
+
+    p = command("compact", cmd_compact, "refit clusters and shared factors over all tasks (one commit)")
+    p.add_argument("store")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _add_fit_options(p)
+    device(p), writer(p), listing(p)
+
+    p = command("demo", cmd_demo, "build a small real zoo on sklearn digits, ingest it, report accuracy and storage")
+    p.add_argument("--cache", help="where the zoo is cached (default: $TVBASE_CACHE or ~/.cache/tvbase)")
+    p.add_argument("--budget", help="storage budget (default 3%%)")
+    listing(p)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except TvbaseError as e:
+        print(f"tvbase: error: {e}", file=sys.stderr)
+        return exit_code(e)
+    except KeyboardInterrupt:
+        print("tvbase: interrupted; the store is unchanged unless a commit was reported", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""In-memory containers for stored factors, shared by ingest, the store and reconstruction.
+
+A task vector is stored tensor by tensor. A 2-D weight (conv kernels flattened to 2-D) of
+shape (m, n) is rebuilt as::
+
+    tau ~= U @ core @ V.T  +  A @ B.T
+
+``U`` (m, r_u) and ``V`` (n, r_v) are shared by every task of one cluster (Tucker-2); ``core``
+(r_u, r_v) belongs to the task; ``A`` (m, q), ``B`` (n, q) are a per-task low-rank term (the
+residual of the shared fit, or the whole task for tasks stored as per-task SVD). Tensors that
+are not matrices (biases, norms, 1 x n rows) are stored densely as a (numel, 1) column.
+"""
+
+import math
+from dataclasses import dataclass
+
+from .ingest.quantize import QuantizedMatrix
+
+
+def matrix_shape(shape):
+    """The (m, n) a tensor of ``shape`` is factorized as, or ``None`` if it is stored densely.
+
+    Conv kernels (out, in, kh, kw) become (out, in*kh*kw). Vectors, scalars and matrices with
+    a side of 1 gain nothing from factorization.
+    """
+    if len(shape) < 2:
+        return None
+    m, n = int(shape[0]), math.prod(int(s) for s in shape[1:])
+    if min(m, n) < 2:
+        return None
+    return m, n
+
+
+@dataclass
+class SharedBasis:
+    """Cluster-shared Tucker-2 factors of one tensor: ``U`` (m, r_u) and ``V`` (n, r_v)."""
+
+    U: QuantizedMatrix
+    V: QuantizedMatrix
+
+    @property
+    def nbytes(self):
+        return self.U.nbytes + self.V.nbytes
+
+
+@dataclass
+class TaskTensor:
+    """What one task stores for one tensor; unused parts are ``None``."""
+
+    core: QuantizedMatrix | None = None  # (r_u, r_v), needs the cluster's SharedBasis
+    A: QuantizedMatrix | None = None  # (m, q)
+    B: QuantizedMatrix | None = None  # (n, q)
+    dense: QuantizedMatrix | None = None  # (numel, 1)
+
+    @property
+    def nbytes(self):
+        return sum(p.nbytes for p in (self.core, self.A, self.B, self.dense) if p is not None)
+
+    def parts(self):
+        """(role, matrix) pairs of the parts present, in a fixed order."""
+        return [(role, p) for role, p in zip(ROLES_TASK, (self.core, self.A, self.B, self.dense)) if p is not None]
+
+
+ROLES_TASK = ("core", "A", "B", "dense")
+ROLES_SHARED = ("U", "V")

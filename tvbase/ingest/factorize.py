@@ -1,0 +1,356 @@
+"""Factorize task vectors: cluster-shared Tucker-2 with per-task residuals, or per-task SVD.
+
+The fit streams: it asks a *source* for one (task, tensor) at a time and never holds more
+than one tensor of one task plus the (small) factors. Passes over the data:
+
+1. sketch every task (CountSketch) and cluster the sketches           (shared fit only)
+2. per tensor and cluster: Gram matrices -> shared ``U``, ``V``        (shared fit only)
+3. per tensor and task: cores ``C_t = U^T tau_t V`` and energy curves (shared fit only)
+4. ranks allocated across tensors by captured energy per stored byte
+5. per-task low-rank term (residual of the shared fit, or the whole task): spectra, allocate
+6. per-task low-rank factors at the allocated ranks
+7. relative reconstruction error of every task
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import InvalidInputError
+from ..factors import SharedBasis, TaskTensor, matrix_shape
+from ..reconstruct import rebuild_tensor
+from .budget import allocate_ranks, cumulative, uniform_ranks
+from .cluster import TaskClusterer, TaskSketcher
+from .quantize import dequantize, payload_nbytes, quantize
+
+
+@dataclass
+class FitParams:
+    """How task vectors are factorized. Recorded in the store so rebuilds never need flags.
+
+    budget : float or None
+        Stored bytes as a fraction of the raw fp32 bytes of the fitted task vectors (0.03 = 3%).
+    rank : int or None
+        Explicit rank for every matrix (shared rank, or per-task SVD rank); overrides ``budget``.
+    residual_rank : int
+        With ``rank``: explicit per-task residual rank on top of the shared fit.
+    residual_share : float
+        With ``budget``: fraction of the factor budget spent on per-task residuals.
+    bits : int
+        Bits per stored factor entry (32, 16, 8, 4 or 2; integer codes with per-column scales).
+    dense_bits : int
+        Bits per entry of densely stored tensors (biases, norms).
+    max_rank : int
+        Largest rank considered per matrix; bounds the work of the fit.
+    n_clusters : int or "auto"
+    seed : int
+    """
+
+    budget: float | None = 0.03
+    rank: int | None = None
+    residual_rank: int = 0
+    residual_share: float = 0.25
+    bits: int = 8
+    dense_bits: int = 16
+    max_rank: int = 256
+    n_clusters: int | str = "auto"
+    seed: int = 0
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class FitResult:
+    """What a fit produced, ready to be written.
+
+    clusters : dict cluster index -> {tensor name: SharedBasis}
+    labels : dict task -> cluster index, or None for tasks stored as per-task SVD
+    tasks : dict task -> {tensor name: TaskTensor}
+    rel_error : dict task -> ||tau_hat - tau|| / ||tau|| over the whole task vector
+    energy : dict task -> ||tau||^2
+    """
+
+    clusters: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)
+    rel_error: dict = field(default_factory=dict)
+    energy: dict = field(default_factory=dict)
+
+
+def raw_bytes(shapes):
+    """Bytes of one task vector in fp32."""
+    return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+
+def fit(source, tasks, shapes, params, shared=True, device="cpu", progress=True):
+    """Factorize the task vectors of ``tasks``.
+
+    Parameters
+    ----------
+    source : object with ``tensor(task, name) -> torch.Tensor`` (float32, base shape, CPU)
+    tasks : list of str
+    shapes : dict tensor name -> shape, in the base's order
+    params : FitParams
+    shared : bool
+        True: cluster the tasks and fit shared Tucker-2 bases plus residuals. False: store each
+        task as its own truncated SVD (tasks added after the last shared fit).
+    device : torch device the linear algebra runs on.
+    progress : bool, show progress bars.
+
+    Returns
+    -------
+    FitResult
+    """
+    fit = _Fit(source, list(tasks), shapes, params, device, progress)
+    return fit.run(shared)
+
+
+class _Fit:
+    def __init__(self, source, tasks, shapes, params, device, progress):
+        self.source, self.tasks, self.shapes, self.p = source, tasks, shapes, params
+        self.device, self.progress = torch.device(device), progress
+        self.matrices = {name: matrix_shape(s) for name, s in shapes.items() if matrix_shape(s)}
+        self.dense = [name for name in shapes if name not in self.matrices]
+        self.result = FitResult(tasks={t: {name: TaskTensor() for name in shapes} for t in tasks})
+        self.layer_energy = {}  # (task, name) -> ||tau||^2
+
+    # -- helpers -------------------------------------------------------------------------
+    def _bar(self, total, desc):
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, unit="tensor")
+
+    def _read(self, task, name):
+        x = self.source.tensor(task, name).to(self.device, torch.float32)
+        mshape = self.matrices.get(name)
+        return x.reshape(mshape) if mshape else x.reshape(-1)  # (m, n) or (numel,)
+
+    def _budget_bytes(self):
+        return self.p.budget * raw_bytes(self.shapes) * len(self.tasks)
+
+    # -- passes --------------------------------------------------------------------------
+    def run(self, shared):
+        labels = self._cluster() if shared else {t: None for t in self.tasks}
+        self.result.labels = labels
+        factor_budget = None
+        if self.p.rank is None:
+            factor_budget = self._budget_bytes() - self._dense_bytes()
+            if factor_budget <= 0:
+                need = self._dense_bytes() / (raw_bytes(self.shapes) * len(self.tasks))
+                raise InvalidInputError(
+                    f"budget {self.p.budget:.2%} is too small: the densely stored tensors (biases, norms) "
+                    f"alone need {need:.2%} at {self.p.dense_bits} bits; raise --budget or lower --dense-bits"
+                )
+        self._store_dense()
+        spent = 0.0
+        if shared:
+            budget = None if factor_budget is None else factor_budget * (1 - self.p.residual_share)
+            spent = self._fit_shared(labels, budget)
+        residual_budget = None if factor_budget is None else factor_budget - spent
+        rank = self.p.rank if not shared else self.p.residual_rank
+        if factor_budget is not None or rank:
+            self._fit_lowrank(residual_budget, rank, shared)
+        self._measure_error()
+        return self.result
+
+    def _cluster(self):
+        n_clusters = self.p.n_clusters
+        if len(self.tasks) <= 2 or n_clusters == 1:
+            return {t: 0 for t in self.tasks}
+        sketcher = TaskSketcher(seed=self.p.seed)
+        sketches = []
+        bar = self._bar(len(self.tasks) * len(self.shapes), "sketch")
+        for t in self.tasks:
+            s = 0
+            for i, name in enumerate(self.shapes):
+                s = s + sketcher.sketch_tensor(i, self._read(t, name).cpu())
+                bar.update()
+            sketches.append(s.numpy())
+        bar.close()
+        clusterer = TaskClusterer(n_clusters=n_clusters, seed=self.p.seed).fit(np.stack(sketches))
+        return {t: int(c) for t, c in zip(self.tasks, clusterer.labels_)}
+
+    def _dense_bytes(self):
+        per_task = sum(payload_nbytes(int(torch.Size(self.shapes[n]).numel()), 1, self.p.dense_bits) for n in self.dense)
+        return per_task * len(self.tasks)
+
+    def _store_dense(self):
+        for t in self.tasks:
+            for name in self.dense:
+                x = self._read(t, name)
+                self.layer_energy[t, name] = float(x.square().sum())
+                self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
+
+    def _fit_shared(self, labels, budget):
+        """Passes 2-4: shared bases, cores, rank allocation. Returns the bytes spent."""
+        bits = self.p.bits
+        members = {}
+        for t, c in labels.items():
+            members.setdefault(c, []).append(t)
+        items = []  # (cluster, name, U_hat, V_hat, qU, qV, cores, cost, gain)
+        bar = self._bar(2 * len(self.tasks) * len(self.matrices), "shared basis")
+        for name, (m, n) in self.matrices.items():
+            for c, group in sorted(members.items()):
+                k = len(group)
+                gl = torch.zeros(m, m, dtype=torch.float64, device=self.device)
+                gr = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+                for t in group:
+                    x = self._read(t, name).double()
+                    gl += x @ x.T
+                    gr += x.T @ x
+                    self.layer_energy[t, name] = float(x.square().sum())
+                    bar.update()
+                ru_max = min(m, k * n, self.p.max_rank)
+                rv_max = min(n, k * m, self.p.max_rank)
+                qU = quantize(_top_eigvecs(gl, ru_max).float().cpu(), bits)
+                qV = quantize(_top_eigvecs(gr, rv_max).float().cpu(), bits)
+                del gl, gr
+                U, V = dequantize(qU, device=self.device), dequantize(qV, device=self.device)
+                cores = {}
+                for t in group:
+                    cores[t] = U.T @ self._read(t, name) @ V  # (ru_max, rv_max)
+                    bar.update()
+                r_max = max(ru_max, rv_max)
+                ru = np.minimum(np.arange(r_max + 1), ru_max)
+                rv = np.minimum(np.arange(r_max + 1), rv_max)
+                cost = np.array(
+                    [payload_nbytes(m, a, bits) + payload_nbytes(n, b, bits) + k * payload_nbytes(a, b, bits) for a, b in zip(ru, rv)],
+                    dtype=np.float64,
+                )
+                gain = np.zeros(r_max + 1)
+                for t, C in cores.items():
+                    e = max(self.layer_energy[t, name], 1e-30)
+                    sq = C.square().double()
+                    # energy of the leading (ru(r), rv(r)) block of the core, for every r
+                    block = torch.cumsum(torch.cumsum(sq, 0), 1).cpu().numpy()
+                    gain[1:] += np.array([block[a - 1, b - 1] for a, b in zip(ru[1:], rv[1:])]) / e
+                items.append((c, name, qU, qV, cores, ru, rv, cost, gain))
+        bar.close()
+
+        curves = [(it[7], it[8]) for it in items]
+        ranks = uniform_ranks(curves, self.p.rank) if budget is None else allocate_ranks(curves, budget)
+        spent = 0.0
+        for (c, name, qU, qV, cores, ru, rv, cost, _), r in zip(items, ranks):
+            a, b = int(ru[r]), int(rv[r])
+            if a == 0 or b == 0:
+                continue  # nothing kept for this tensor in this cluster
+            spent += cost[r]
+            self.result.clusters.setdefault(c, {})[name] = SharedBasis(U=_keep_columns(qU, a), V=_keep_columns(qV, b))
+            for t, C in cores.items():
+                self.result.tasks[t][name].core = quantize(C[:a, :b].contiguous().cpu(), bits)
+        return spent
+
+    def _shared_part(self, task, name):
+        """The task's rebuilt shared term for one matrix, or None."""
+        c = self.result.labels[task]
+        basis = self.result.clusters.get(c, {}).get(name) if c is not None else None
+        tt = self.result.tasks[task][name]
+        if basis is None or tt.core is None:
+            return None
+        return rebuild_tensor(self.matrices[name], [(1.0, basis, TaskTensor(core=tt.core))], device=self.device)
+
+    def _residual(self, task, name):
+        x = self._read(task, name)
+        shared = self._shared_part(task, name)
+        return x if shared is None else x - shared
+
+    def _fit_lowrank(self, budget, rank, shared):
+        """Passes 5-6: per-task low-rank terms (residuals, or whole tasks when not shared)."""
+        bits = self.p.bits
+        keys = [(t, name) for t in self.tasks for name in self.matrices]
+        if budget is not None:
+            curves = []
+            bar = self._bar(len(keys), "residual spectra" if shared else "svd spectra")
+            for t, name in keys:
+                m, n = self.matrices[name]
+                e = self._residual(t, name)
+                if (t, name) not in self.layer_energy:
+                    self.layer_energy[t, name] = float(self._read(t, name).square().sum())
+                q_max = min(m, n, self.p.max_rank)
+                s = _singular_values(e, q_max)
+                gain = cumulative(s.square().cpu().numpy()) / max(self.layer_energy[t, name], 1e-30)
+                cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
+                curves.append((cost, gain))
+                bar.update()
+            bar.close()
+            ranks = allocate_ranks(curves, max(budget, 0.0))
+        else:
+            ranks = [min(rank, *self.matrices[name], self.p.max_rank) for _, name in keys]
+        bar = self._bar(sum(1 for r in ranks if r), "residual factors" if shared else "svd factors")
+        for (t, name), q in zip(keys, ranks):
+            if q == 0:
+                continue
+            u, s, v = _truncated_svd(self._residual(t, name), q)
+            tt = self.result.tasks[t][name]
+            tt.A = quantize((u * s).cpu(), bits)  # (m, q)
+            tt.B = quantize(v.cpu(), bits)  # (n, q)
+            bar.update()
+        bar.close()
+
+    def _measure_error(self):
+        bar = self._bar(len(self.tasks) * len(self.shapes), "measure error")
+        for t in self.tasks:
+            err = total = 0.0
+            c = self.result.labels[t]
+            for name, shape in self.shapes.items():
+                x = self.source.tensor(t, name).to(self.device, torch.float32)
+                basis = self.result.clusters.get(c, {}).get(name) if c is not None else None
+                xh = rebuild_tensor(shape, [(1.0, basis, self.result.tasks[t][name])], device=self.device)
+                err += float((x - xh).square().sum())
+                total += float(x.square().sum())
+                bar.update()
+            self.result.rel_error[t] = (err / total) ** 0.5 if total > 0 else 0.0
+            self.result.energy[t] = total
+        bar.close()
+
+
+def _top_eigvecs(gram, r):
+    """Top-``r`` eigenvectors of a symmetric PSD matrix, columns sign-fixed for determinism.
+
+    Returns ndarray-like torch.Tensor of shape (d, r).
+    """
+    _, vecs = torch.linalg.eigh(gram)  # ascending
+    top = vecs[:, -r:].flip(1) if r > 0 else vecs[:, :0]
+    return top * _column_signs(top)
+
+
+def _column_signs(u):
+    """Signs that make the largest-magnitude entry of every column of ``u`` positive (svd_flip)."""
+    if u.shape[1] == 0:
+        return torch.ones(0, dtype=u.dtype, device=u.device)
+    signs = torch.sign(u[u.abs().argmax(0), torch.arange(u.shape[1], device=u.device)])
+    signs[signs == 0] = 1
+    return signs
+
+
+def _singular_values(x, q):
+    """The top ``q`` singular values of ``x`` (m, n)."""
+    if min(x.shape) <= 4 * q or min(x.shape) <= 512:
+        return torch.linalg.svdvals(x)[:q]
+    _, s, _ = torch.svd_lowrank(x, q=q + 8, niter=4)
+    return s[:q]
+
+
+def _truncated_svd(x, q):
+    """Rank-``q`` SVD of ``x`` (m, n): u (m, q), s (q,), v (n, q), signs fixed."""
+    if min(x.shape) <= 4 * q or min(x.shape) <= 512:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, v = u[:, :q], s[:q], vh[:q].T
+    else:
+        u, s, v = torch.svd_lowrank(x, q=q + 8, niter=4)  # returns V, not V^T
+        u, s, v = u[:, :q], s[:q], v[:, :q]
+    signs = _column_signs(u)
+    return u * signs, s, v * signs
+
+
+def _keep_columns(q, cols):
+    """The first ``cols`` columns of a quantized matrix.
+
+    Scales are per column, so re-quantizing the kept columns reproduces their codes exactly.
+    """
+    return quantize(dequantize(q)[:, :cols].contiguous(), q.bits)

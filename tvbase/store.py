@@ -1,0 +1,603 @@
+"""The on-disk store: zarr v3 arrays inside an Icechunk repository.
+
+Layout of a store directory::
+
+    STORE/
+      repo/          Icechunk repository (snapshots, manifests, chunks); one commit per write
+      writer.lock    exclusive lock held by the one writer; records who holds it
+
+Inside the repository, the root zarr group holds:
+
+- attribute ``tvbase``: format version, the base model's fingerprint, fit parameters, tasks and
+  clusters (everything needed to rebuild, so reads never depend on CLI flags);
+- ``payload``: uint8 (nbytes,), every stored factor packed back to back (see ``quantize`` for the
+  encoding of one factor), chunks of 2 MiB, zstd + crc32c;
+- ``index``: int64 (n_entries, 9), the offset table: one row per stored factor with the
+  columns in ``INDEX_COLUMNS``.
+
+Writes append to ``payload`` and rewrite the (small) index; ``rm`` drops index rows, leaving
+unreferenced payload bytes that ``compact`` reclaims.
+"""
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import re
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import icechunk
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from . import __version__
+from .errors import (
+    AlreadyExistsError,
+    FormatVersionError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    StoreLockedError,
+)
+from .factors import ROLES_SHARED, ROLES_TASK, SharedBasis, TaskTensor, matrix_shape
+from .ingest.factorize import FitParams, fit, raw_bytes
+from .ingest.quantize import QuantizedMatrix
+from .reconstruct import rebuild_tensor
+from .sources import Checkpoint, check_compatible, task_vector
+
+FORMAT_VERSION = 1
+INDEX_COLUMNS = ("owner_kind", "owner_id", "tensor", "role", "rows", "cols", "bits", "offset", "nbytes")
+OWNER_SHARED, OWNER_TASK = 0, 1
+ROLES = ROLES_SHARED + ROLES_TASK  # role column value = position in this tuple
+PAYLOAD_CHUNK = 2 * 1024 * 1024  # bytes; DESIGN asks for 1-8 MiB chunks
+INDEX_CHUNK = 16384  # rows
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_MAX_NAME = 128
+
+icechunk.set_logs_filter("error")  # its local-storage concurrency warning is handled by our lock
+
+
+def validate_task_name(name):
+    """Raise InvalidInputError unless ``name`` is a safe task name.
+
+    Task names end up in metadata, file names and expressions, so they may not escape a
+    directory or confuse a parser: letters, digits, ``_``, ``-``, ``.``; no ``..``.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError("task name is empty; use letters, digits, '_', '-' or '.'")
+    if len(name) > _MAX_NAME:
+        raise InvalidInputError(f"task name {name[:20]!r}... is {len(name)} characters long; the limit is {_MAX_NAME}")
+    if not _NAME_RE.fullmatch(name) or ".." in name or name[0] in ".-":
+        raise InvalidInputError(
+            f"task name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
+            "starting with a letter, digit or '_', and no '..' (names must not be able to escape the store)"
+        )
+    return name
+
+
+class _WriterLock:
+    """Exclusive writer lock on ``STORE/writer.lock`` (fcntl, released by the OS if we die)."""
+
+    def __init__(self, path, wait=0.0):
+        self.path, self.wait = Path(path), float(wait)
+        self._fd = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    owner = self.path.read_text(errors="replace").strip() or "an unknown process"
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"store is locked by {owner}; wait for it to finish or pass --wait SECONDS"
+                    ) from None
+                time.sleep(0.1)
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now(), "command": " ".join(sys.argv[:3])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _now():
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _storage(path):
+    return icechunk.local_filesystem_storage(str(Path(path) / "repo"))
+
+
+class _IngestSource:
+    """Task vectors of fine-tuned checkpoints against the base, read one tensor at a time."""
+
+    def __init__(self, base, checkpoints):
+        self.base, self.checkpoints = base, checkpoints
+
+    def tensor(self, task, name):
+        ckpt = self.checkpoints[task]
+        return task_vector(self.base, ckpt, name, f"task {task!r} ({ckpt.path})")
+
+
+class _StoreSource:
+    """Task vectors rebuilt from a store snapshot (what ``compact`` refits)."""
+
+    def __init__(self, store, device):
+        self.store, self.device = store, device
+
+    def tensor(self, task, name):
+        return self.store._rebuild(name, {task: 1.0}, self.device).cpu()
+
+
+class Store:
+    """A tvbase store opened at one snapshot.
+
+    Use :meth:`create` or :meth:`open`. Reads see the snapshot the store was opened at; write
+    methods (``ingest``, ``rm``, ``compact``) take the writer lock, commit once, and move this
+    object to the new snapshot.
+    """
+
+    def __init__(self, path, repo, snapshot_id):
+        self.path = Path(path)
+        self._repo = repo
+        self._load(snapshot_id)
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, base, params=None, progress=True):
+        """Create a store for the base model at ``base`` (a .safetensors file or sharded directory).
+
+        Parameters
+        ----------
+        path : str or Path, a directory that does not exist yet (or is empty).
+        base : str or Path
+        params : FitParams, defaults for later ingests.
+        """
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise AlreadyExistsError(f"{path} already exists and is not an empty directory; choose a new store path")
+        params = params or FitParams()
+        with Checkpoint.open(base) as ckpt:
+            fingerprint = ckpt.fingerprint()
+        path.mkdir(parents=True, exist_ok=True)
+        repo = icechunk.Repository.create(_storage(path))
+        session = repo.writable_session("main")
+        root = zarr.open_group(session.store, mode="w")
+        _create_arrays(root)
+        root.attrs["tvbase"] = {
+            "format_version": FORMAT_VERSION,
+            "tvbase_version": __version__,
+            "created": _now(),
+            "base": {"path": str(Path(base).resolve()), "hash": fingerprint["hash"], "tensors": fingerprint["tensors"]},
+            "tensors": list(fingerprint["tensors"]),  # tensor id -> name, the base's order
+            "params": params.to_dict(),
+            "tasks": {},
+            "clusters": {},
+            "next_task_id": 0,
+            "next_cluster_id": 0,
+        }
+        snapshot = session.commit(f"init store for base {Path(base).name}", metadata={"op": "init", "tvbase_version": __version__})
+        return cls(path, repo, snapshot)
+
+    @classmethod
+    def open(cls, path, at=None):
+        """Open the store at ``path``, at its latest version or at version ``at`` (id, prefix or tag)."""
+        path = Path(path)
+        if not (path / "repo").is_dir():
+            raise NotFoundError(f"no tvbase store at {path} (create one with `tvbase init {path} --base BASE`)")
+        repo = icechunk.Repository.open(_storage(path))
+        return cls(path, repo, _resolve_version(repo, at))
+
+    def _load(self, snapshot_id):
+        self.version = snapshot_id
+        session = self._repo.readonly_session(snapshot_id=snapshot_id)
+        root = zarr.open_group(session.store, mode="r")
+        meta = root.attrs.get("tvbase")
+        if not isinstance(meta, dict) or "format_version" not in meta:
+            raise IntegrityError(f"{self.path} is an Icechunk repository without tvbase metadata")
+        if meta["format_version"] > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"store {self.path} has format version {meta['format_version']}, newer than this tvbase "
+                f"({__version__}) reads (up to {FORMAT_VERSION}); upgrade tvbase"
+            )
+        self.meta = meta
+        self._payload = root["payload"]
+        self._index = _read_array(root["index"], "index")
+        self._tensor_id = {name: i for i, name in enumerate(meta["tensors"])}
+        self._rows = {}  # (owner_kind, owner_id, tensor_id) -> {role: index row}
+        for row in self._index:
+            self._rows.setdefault((int(row[0]), int(row[1]), int(row[2])), {})[ROLES[int(row[3])]] = row
+        self._shared_cache = {}
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def tasks(self):
+        """Task names, sorted."""
+        return sorted(self.meta["tasks"])
+
+    @property
+    def shapes(self):
+        """Tensor name -> shape of the base, in the base's order."""
+        return {name: tuple(self.meta["base"]["tensors"][name]["shape"]) for name in self.meta["tensors"]}
+
+    def _task_meta(self, name):
+        if name not in self.meta["tasks"]:
+            raise NotFoundError(_unknown("task", name, self.tasks))
+        return self.meta["tasks"][name]
+
+    def _read_factor(self, row):
+        start, n = int(row[7]), int(row[8])
+        data = _read_array(self._payload, "payload", slice(start, start + n))
+        if data.shape[0] != n:
+            raise IntegrityError(f"payload ends before entry at offset {start} (+{n} bytes); run `tvbase verify`")
+        return QuantizedMatrix.from_bytes(data, int(row[6]), (int(row[4]), int(row[5])))
+
+    def _shared(self, cluster, name):
+        key = (cluster, name)
+        if key not in self._shared_cache:
+            rows = self._rows.get((OWNER_SHARED, cluster, self._tensor_id[name]))
+            self._shared_cache[key] = SharedBasis(**{r: self._read_factor(rows[r]) for r in ROLES_SHARED}) if rows else None
+        return self._shared_cache[key]
+
+    def _task_tensor(self, task, name):
+        rows = self._rows.get((OWNER_TASK, self.meta["tasks"][task]["id"], self._tensor_id[name]), {})
+        return TaskTensor(**{role: self._read_factor(row) for role, row in rows.items()})
+
+    def _rebuild(self, name, coefficients, device):
+        terms = []
+        for task, alpha in coefficients.items():
+            cluster = self.meta["tasks"][task]["cluster"]
+            shared = self._shared(cluster, name) if cluster is not None else None
+            terms.append((alpha, shared, self._task_tensor(task, name)))
+        return rebuild_tensor(self.shapes[name], terms, device=device)
+
+    def iter_composition(self, coefficients, device=None, dtype=torch.float32):
+        """Yield ``(tensor name, tensor)`` of ``sum alpha_t tau_t``, one tensor at a time.
+
+        Parameters
+        ----------
+        coefficients : dict task name -> float
+        device : str or torch.device, default: CUDA when available, else CPU.
+        dtype : torch.dtype of the yielded tensors.
+        """
+        for task in coefficients:
+            self._task_meta(task)
+        device = _device(device)
+        for name in self.meta["tensors"]:
+            yield name, self._rebuild(name, coefficients, device).to(dtype)
+
+    def get(self, name, device=None, dtype=torch.float32):
+        """Rebuild the task vector of task ``name``: dict tensor name -> tensor (base shapes)."""
+        return dict(self.iter_composition({name: 1.0}, device, dtype))
+
+    def compose(self, coefficients, device=None, dtype=torch.float32):
+        """Rebuild ``sum alpha_t tau_t`` for a dict task -> alpha: dict tensor name -> tensor."""
+        return dict(self.iter_composition(coefficients, device, dtype))
+
+    def log(self):
+        """Versions from newest to oldest: dicts with id, time, message, metadata."""
+        return [
+            {"id": s.id, "time": s.written_at.isoformat(timespec="seconds"), "message": s.message, "metadata": dict(s.metadata)}
+            for s in self._repo.ancestry(branch="main")
+        ]
+
+    def ls(self):
+        """One dict per task: name, cluster, kind, stored bytes, raw bytes, relative error."""
+        out = []
+        shared_bytes = self._shared_bytes_by_cluster()
+        members = {}
+        for task, tm in self.meta["tasks"].items():
+            members.setdefault(tm["cluster"], []).append(task)
+        for task in self.tasks:
+            tm = self.meta["tasks"][task]
+            own = self._owned_bytes(OWNER_TASK, tm["id"])
+            shared = shared_bytes.get(tm["cluster"], 0) / len(members[tm["cluster"]]) if tm["cluster"] is not None else 0
+            out.append(
+                {
+                    "name": task,
+                    "cluster": tm["cluster"],
+                    "kind": tm["kind"],
+                    "stored_bytes": int(round(own + shared)),
+                    "raw_bytes": tm["raw_bytes"],
+                    "storage": (own + shared) / tm["raw_bytes"],
+                    "rel_error": tm["rel_error"],
+                    "added": tm["added"],
+                }
+            )
+        return out
+
+    def info(self):
+        """Store summary: tasks, clusters, bytes on disk and in factors, against raw fp32."""
+        raw = sum(tm["raw_bytes"] for tm in self.meta["tasks"].values())
+        live = int(self._index[:, 8].sum()) if len(self._index) else 0
+        disk = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return {
+            "path": str(self.path),
+            "version": self.version,
+            "format_version": self.meta["format_version"],
+            "base": {"path": self.meta["base"]["path"], "hash": self.meta["base"]["hash"], "tensors": len(self.meta["tensors"])},
+            "tasks": len(self.meta["tasks"]),
+            "clusters": len(self.meta["clusters"]),
+            "raw_fp32_bytes": raw,
+            "factor_bytes": live,
+            "payload_bytes": int(self._payload.shape[0]),
+            "reclaimable_bytes": int(self._payload.shape[0]) - live,
+            "disk_bytes": disk,
+            "factor_storage": live / raw if raw else 0.0,
+            "disk_storage": disk / raw if raw else 0.0,
+            "params": self.meta["params"],
+        }
+
+    def _owned_bytes(self, kind, owner):
+        rows = self._index[(self._index[:, 0] == kind) & (self._index[:, 1] == owner)] if len(self._index) else self._index
+        return int(rows[:, 8].sum())
+
+    def _shared_bytes_by_cluster(self):
+        return {int(c): self._owned_bytes(OWNER_SHARED, int(c)) for c in self.meta["clusters"]}
+
+    # -- writing -------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self, message, metadata, wait=0.0):
+        """Hold the writer lock, yield (root group, new metadata), commit once on success."""
+        with _WriterLock(self.path / "writer.lock", wait=wait):
+            head = self._repo.lookup_branch("main")
+            if head != self.version:
+                self._load(head)  # another writer committed since we opened: build on the latest
+            session = self._repo.writable_session("main")
+            root = zarr.open_group(session.store, mode="r+")
+            meta = json.loads(json.dumps(self.meta))  # deep copy; self.meta stays the old snapshot's
+            yield root, meta
+            root.attrs["tvbase"] = meta
+            snapshot = session.commit(message, metadata={**metadata, "tvbase_version": __version__})
+        self._load(snapshot)
+
+    def ingest(self, items, params=None, base=None, device=None, progress=True, wait=0.0):
+        """Add fine-tuned checkpoints as tasks, in one commit.
+
+        Parameters
+        ----------
+        items : dict task name -> checkpoint path (same format and tensors as the base)
+        params : FitParams or None, default: the store's recorded parameters.
+        base : path of the base checkpoint, default: the path recorded at ``init``.
+        device : where the factorization runs (default CUDA when available).
+        wait : seconds to wait for another writer's lock.
+
+        The first ingest into an empty store fits cluster-shared bases over its tasks; later
+        ingests store each new task as a per-task truncated SVD until ``compact``.
+        """
+        items = dict(items)
+        if not items:
+            raise InvalidInputError("nothing to ingest: give at least one NAME=PATH")
+        for name in items:
+            validate_task_name(name)
+            if name in self.meta["tasks"]:
+                raise AlreadyExistsError(f"task {name!r} already exists in {self.path}; remove it first or choose another name")
+        params = params or FitParams.from_dict(self.meta["params"])
+        validate_params(params)
+        device = _device(device)
+        base_ckpt = self._open_base(base)
+        checkpoints = {}
+        try:
+            for name, path in items.items():
+                checkpoints[name] = ckpt = Checkpoint.open(path)
+                check_compatible(self.meta["base"]["tensors"], ckpt, f"task {name!r} ({path})")
+            shared = not self.meta["tasks"]  # first fit; later tasks wait for `compact`
+            result = fit(_IngestSource(base_ckpt, checkpoints), list(items), self.shapes, params, shared, device, progress)
+            hashes = {name: ckpt.fingerprint()["hash"] for name, ckpt in checkpoints.items()}
+        finally:
+            base_ckpt.close()
+            for ckpt in checkpoints.values():
+                ckpt.close()
+        message = f"ingest {', '.join(items)}"
+        with self._transaction(message, {"op": "ingest", "tasks": list(items)}, wait) as (root, meta):
+            sources = {name: {"path": str(Path(p).resolve()), "hash": hashes[name]} for name, p in items.items()}
+            _write_fit(root, meta, result, self.shapes, params, sources, append=True)
+            if shared:
+                meta["params"] = params.to_dict()
+        return self.version
+
+    def rm(self, names, wait=0.0):
+        """Remove tasks (one commit). Their bytes are reclaimed by ``compact``."""
+        names = list(dict.fromkeys(names))
+        for name in names:
+            self._task_meta(name)
+        with self._transaction(f"rm {', '.join(names)}", {"op": "rm", "tasks": names}, wait) as (root, meta):
+            ids = {meta["tasks"][n]["id"] for n in names}
+            for n in names:
+                del meta["tasks"][n]
+            live_clusters = {tm["cluster"] for tm in meta["tasks"].values()}
+            dead = {int(c) for c in meta["clusters"] if int(c) not in live_clusters}
+            for c in dead:
+                del meta["clusters"][str(c)]
+            index = self._index
+            keep = ~(((index[:, 0] == OWNER_TASK) & np.isin(index[:, 1], list(ids))) | ((index[:, 0] == OWNER_SHARED) & np.isin(index[:, 1], list(dead))))
+            _write_index(root["index"], index[keep])
+            for c in meta["clusters"].values():
+                c["tasks"] = [t for t in c["tasks"] if t in meta["tasks"]]
+        return self.version
+
+    def compact(self, params=None, device=None, progress=True, wait=0.0):
+        """Refit clusters and shared factors over every task in the store, as one commit.
+
+        Task vectors are rebuilt from the current version (the originals are not kept), so
+        compaction re-compresses what is stored; the payload is rewritten without dead bytes.
+        """
+        if not self.meta["tasks"]:
+            raise InvalidInputError(f"store {self.path} has no tasks to compact")
+        params = params or FitParams.from_dict(self.meta["params"])
+        validate_params(params)
+        device = _device(device)
+        tasks = self.tasks
+        result = fit(_StoreSource(self, device), tasks, self.shapes, params, True, device, progress)
+        old = {t: dict(self.meta["tasks"][t]) for t in tasks}
+        with self._transaction("compact", {"op": "compact", "tasks": tasks}, wait) as (root, meta):
+            if sorted(meta["tasks"]) != tasks:
+                raise StoreLockedError("the store changed while compacting; run compact again")
+            meta["tasks"], meta["clusters"] = {}, {}
+            sources = {t: old[t]["source"] for t in tasks}
+            _write_fit(root, meta, result, self.shapes, params, sources, append=False, previous=old)
+            meta["params"] = params.to_dict()
+        return self.version
+
+    def _open_base(self, base):
+        path = base or self.meta["base"]["path"]
+        try:
+            ckpt = Checkpoint.open(path)
+        except NotFoundError:
+            raise NotFoundError(
+                f"the store's base model is not at {path} any more; pass its new location with --base"
+            ) from None
+        try:
+            check_compatible(self.meta["base"]["tensors"], ckpt, f"base ({path})")
+            if ckpt.fingerprint()["hash"] != self.meta["base"]["hash"]:
+                raise InvalidInputError(
+                    f"base at {path} has the right tensor names, shapes and dtypes but different values than the "
+                    "base this store was created with (content hash differs); pass the original base with --base"
+                )
+        except BaseException:
+            ckpt.close()
+            raise
+        return ckpt
+
+
+def validate_params(p):
+    """Check FitParams once at the boundary; messages quote the offending value."""
+    if p.rank is None:
+        if p.budget is None or not (0 < p.budget < 1):
+            raise InvalidInputError(f"budget must be a fraction in (0, 1) such as 0.03 or '3%', got {p.budget!r}")
+    elif not isinstance(p.rank, int) or p.rank < 1:
+        raise InvalidInputError(f"rank must be a positive integer, got {p.rank!r}")
+    if not (0 <= p.residual_share < 1):
+        raise InvalidInputError(f"residual share must be in [0, 1), got {p.residual_share!r}")
+    for field in ("bits", "dense_bits"):
+        if getattr(p, field) not in (32, 16, 8, 4, 2):
+            raise InvalidInputError(f"{field} must be one of 32, 16, 8, 4, 2, got {getattr(p, field)!r}")
+    if not isinstance(p.max_rank, int) or p.max_rank < 1:
+        raise InvalidInputError(f"max rank must be a positive integer, got {p.max_rank!r}")
+    if not (p.n_clusters == "auto" or (isinstance(p.n_clusters, int) and p.n_clusters >= 1)):
+        raise InvalidInputError(f"n_clusters must be 'auto' or a positive integer, got {p.n_clusters!r}")
+
+
+def _device(device):
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise InvalidInputError(f"unknown device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _unknown(kind, name, known):
+    import difflib
+
+    hint = difflib.get_close_matches(name, known, n=1)
+    listing = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "") if known else "(none)"
+    return f"no {kind} {name!r} in this store" + (f"; did you mean {hint[0]!r}?" if hint else "") + f" Known: {listing}"
+
+
+def _resolve_version(repo, at):
+    if at is None:
+        return repo.lookup_branch("main")
+    if at in repo.list_tags():
+        return repo.lookup_tag(at)
+    ids = [s.id for s in repo.ancestry(branch="main")]
+    matches = [i for i in ids if i.startswith(at.upper())] if at else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise InvalidInputError(f"version prefix {at!r} is ambiguous: {', '.join(matches[:5])}")
+    raise NotFoundError(f"no version {at!r} in this store; `tvbase log` lists the versions")
+
+
+def _codecs():
+    return {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
+
+
+def _create_arrays(root):
+    root.create_array("payload", shape=(0,), chunks=(PAYLOAD_CHUNK,), dtype="uint8", fill_value=0, **_codecs())
+    root.create_array("index", shape=(0, len(INDEX_COLUMNS)), chunks=(INDEX_CHUNK, len(INDEX_COLUMNS)), dtype="int64", fill_value=0, **_codecs())
+
+
+def _read_array(array, label, selection=slice(None)):
+    try:
+        return array[selection]
+    except ValueError as e:
+        if "checksum" in str(e):
+            raise IntegrityError(f"checksum mismatch in array {label!r}: the store is damaged; run `tvbase verify`") from None
+        raise
+
+
+def _write_index(array, rows):
+    array.resize(rows.shape)
+    if len(rows):
+        array[:] = rows
+
+
+def _write_fit(root, meta, result, shapes, params, sources, append, previous=None):
+    """Append (or, for compact, replace) the factors of a FitResult and record its metadata."""
+    tensor_id = {name: i for i, name in enumerate(meta["tensors"])}
+    payload, index_array = root["payload"], root["index"]
+    offset = int(payload.shape[0]) if append else 0
+    index = _read_array(index_array, "index") if append else np.zeros((0, len(INDEX_COLUMNS)), dtype=np.int64)
+    chunks, rows = [], []
+
+    def add(kind, owner, name, role, q):
+        nonlocal offset
+        data = q.to_bytes()
+        rows.append([kind, owner, tensor_id[name], ROLES.index(role), q.shape[0], q.shape[1], q.bits, offset, len(data)])
+        chunks.append(np.frombuffer(data, dtype=np.uint8))
+        offset += len(data)
+
+    cluster_ids = {}
+    for c in sorted(result.clusters):
+        cid = cluster_ids[c] = meta["next_cluster_id"]
+        meta["next_cluster_id"] += 1
+        for name, basis in result.clusters[c].items():
+            add(OWNER_SHARED, cid, name, "U", basis.U)
+            add(OWNER_SHARED, cid, name, "V", basis.V)
+        meta["clusters"][str(cid)] = {"tasks": [t for t, lab in result.labels.items() if lab == c]}
+    for task, tensors in result.tasks.items():
+        tid = meta["next_task_id"]
+        meta["next_task_id"] += 1
+        for name, tt in tensors.items():
+            for role, q in tt.parts():
+                add(OWNER_TASK, tid, name, role, q)
+        label = result.labels[task]
+        meta["tasks"][task] = {
+            "id": tid,
+            "cluster": cluster_ids.get(label) if label is not None else None,
+            "kind": "shared" if label is not None else "svd",
+            "source": sources[task],
+            "raw_bytes": raw_bytes(shapes),
+            "rel_error": result.rel_error[task],
+            "energy": result.energy[task],
+            "added": (previous or {}).get(task, {}).get("added", _now()),
+            "params": params.to_dict(),
+        }
+    new = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
+    start = offset - len(new)
+    payload.resize((offset,))
+    if len(new):
+        payload[start:offset] = new
+    new_rows = np.asarray(rows, dtype=np.int64).reshape(-1, len(INDEX_COLUMNS))
+    _write_index(index_array, np.concatenate([index, new_rows]))
