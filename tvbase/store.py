@@ -407,6 +407,9 @@ class Store:
                 ckpt.close()
         message = f"ingest {', '.join(items)}"
         with self._transaction(message, {"op": "ingest", "tasks": list(items)}, wait) as (root, meta):
+            taken = sorted(set(items) & set(meta["tasks"]))
+            if taken or bool(meta["tasks"]) != (not shared):
+                raise AlreadyExistsError(f"another writer changed the store during this ingest ({', '.join(taken) or 'new tasks'}); run it again")
             sources = {name: {"path": str(Path(p).resolve()), "hash": hashes[name]} for name, p in items.items()}
             _write_fit(root, meta, result, self.shapes, params, sources, append=True)
             if shared:
