@@ -1,0 +1,810 @@
+"""Read and write safetensors checkpoints: the only way model weights enter or leave tvbase.
+
+A :class:`Checkpoint` is a read-only, lazy view of one checkpoint, either a single ``.safetensors`` file
+or a directory of shards with a Hugging Face ``model.safetensors.index.json``. Everything that can be
+checked without reading tensor data is checked in :meth:`Checkpoint.open`, so later code trusts it:
+the safetensors headers are parsed and validated by our own code before the file reaches the
+safetensors library, shard paths may not escape the directory, and pickle checkpoints are refused.
+
+:func:`check_compatible` compares a checkpoint with the store's base model, :func:`task_vector` turns
+one tensor of a fine-tune into ``finetuned - base``, and :func:`save_checkpoint` streams tensors to
+(sharded) safetensors files, each written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
+
+__all__ = ["Checkpoint", "check_compatible", "save_checkpoint", "task_vector"]
+
+# Same limit as the safetensors library (MAX_HEADER_SIZE), so a header we accept it accepts too.
+_MAX_HEADER_BYTES = 100_000_000
+_PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+_INDEX_NAME = "model.safetensors.index.json"
+_SINGLE_NAME = "model.safetensors"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_HASH_CHUNK_BYTES = 16 * 1024**2  # bounds fingerprint memory whatever the tensor size
+_FINGERPRINT_VERSION = b"tvbase-fingerprint-v1\0"  # change if the hashed byte layout ever changes
+
+# Bits per element of every dtype the safetensors format defines (sub-byte types pack several per byte).
+_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+}  # fmt: skip
+_INTEGER_DTYPES = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
+
+# torch dtypes save_checkpoint accepts, with their safetensors names.
+_TORCH_TO_SAFETENSORS = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.complex64: "C64",
+}  # fmt: skip
+
+
+class _Entry(NamedTuple):
+    """Where one tensor lives: ``begin``/``end`` are absolute byte offsets in ``file``."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class Checkpoint:
+    """A read-only, lazy view of a safetensors checkpoint.
+
+    Build one with :meth:`Checkpoint.open`; it validates every header up front and reads tensor
+    data only when asked (:meth:`get`, :meth:`fingerprint`). Files are opened lazily, one
+    ``safe_open`` handle per shard, kept until :meth:`close` (or the end of a ``with`` block).
+
+    Attributes
+    ----------
+    path : Path
+        The path given to :meth:`open`.
+    files : list of Path
+        The safetensors files holding the tensors, sorted.
+    names : list of str
+        Every tensor name, sorted.
+    """
+
+    def __init__(self, path: Path, entries: dict[str, _Entry]):
+        # Private: use Checkpoint.open, which validates ``entries``.
+        self.path = path
+        self._entries = dict(sorted(entries.items()))
+        self.names = list(self._entries)
+        self.files = sorted({entry.file for entry in self._entries.values()})
+        self._handles = {}
+        self._fingerprint = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Checkpoint:
+        """Open and validate a checkpoint.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A ``.safetensors`` file; a directory with ``model.safetensors.index.json`` and its
+            shards; a directory holding exactly one ``.safetensors`` file; or the index file itself.
+
+        Returns
+        -------
+        Checkpoint
+
+        Raises
+        ------
+        NotFoundError
+            If ``path`` does not exist.
+        InvalidInputError
+            If the checkpoint is a pickle format, a header or index is malformed or truncated, a
+            shard is missing or lies outside the directory, or it holds no tensors.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise NotFoundError(
+                f"checkpoint {str(path)!r} does not exist: expected a .safetensors file or a directory "
+                "of safetensors shards; check the path."
+            )
+        if path.is_dir():
+            entries = _open_directory(path)
+        elif path.name.endswith(".safetensors.index.json"):
+            entries = _read_index(path, path.parent)
+        else:
+            _refuse_non_safetensors(path)
+            entries = _read_header(path)
+        if not entries:
+            raise InvalidInputError(
+                f"checkpoint {str(path)!r} holds no tensors: expected at least one; "
+                "check that this is a model checkpoint and not an empty or metadata-only file."
+            )
+        return cls(path, entries)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the open shard handles; a later :meth:`get` reopens them as needed."""
+        handles, self._handles = self._handles, {}
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors, {len(self.files)} files)"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def spec(self, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and safetensors dtype string (``"F32"``, ``"BF16"``, ``"I64"``, ...) of one tensor."""
+        entry = self._entry(name)
+        return entry.shape, entry.dtype
+
+    def numel(self, name: str) -> int:
+        """Number of elements of one tensor (1 for a scalar)."""
+        return math.prod(self._entry(name).shape)
+
+    def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Read one tensor from disk.
+
+        Parameters
+        ----------
+        name : str
+            Tensor name, one of :attr:`names`.
+        dtype : torch.dtype or None, default torch.float32
+            Dtype to convert to; ``None`` keeps the stored dtype.
+
+        Returns
+        -------
+        Tensor of shape ``spec(name)[0]`` on CPU, of ``dtype``.
+
+        Raises
+        ------
+        NotFoundError
+            If the checkpoint has no tensor ``name``.
+        """
+        entry = self._entry(name)
+        try:
+            tensor = self._handle(entry.file).get_tensor(name)
+        except SafetensorError as error:
+            raise InvalidInputError(
+                f"cannot read tensor {name!r} ({entry.dtype}) from {str(entry.file)!r}: {error}; "
+                "the file may have changed since it was opened, or torch cannot load this dtype."
+            ) from error
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def fingerprint(self) -> dict:
+        """Names, shapes, dtypes and a content hash that does not depend on sharding.
+
+        The hash is a sha256 over, for each tensor in sorted name order, its name, dtype, shape and
+        raw little-endian bytes, read tensor by tensor in bounded chunks. It is computed once.
+
+        Returns
+        -------
+        dict
+            ``{"tensors": {name: {"shape": [int, ...], "dtype": str}}, "hash": str}``; the hash
+            is 64 hex digits.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256(_FINGERPRINT_VERSION)
+            files = {}
+            try:
+                for name, entry in self._entries.items():
+                    digest.update(json.dumps([name, entry.dtype, list(entry.shape)]).encode())
+                    if entry.file not in files:
+                        files[entry.file] = open(entry.file, "rb")
+                    _hash_range(digest, files[entry.file], entry)
+            finally:
+                for file in files.values():
+                    file.close()
+            self._fingerprint = {
+                "tensors": {
+                    name: {"shape": list(entry.shape), "dtype": entry.dtype}
+                    for name, entry in self._entries.items()
+                },
+                "hash": digest.hexdigest(),
+            }
+        # A copy, so callers cannot corrupt the cached value.
+        return json.loads(json.dumps(self._fingerprint))
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise NotFoundError(
+                f"tensor {name!r} is not in checkpoint {str(self.path)!r} ({len(self._entries)} tensors); "
+                "see Checkpoint.names for the tensors it holds."
+            ) from None
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as error:
+                raise InvalidInputError(
+                    f"safetensors cannot open {str(file)!r}: {error}; "
+                    "the file may have changed since it was opened; re-export or re-download it."
+                ) from error
+        return self._handles[file]
+
+
+def check_compatible(reference: dict, checkpoint: Checkpoint, label: str) -> None:
+    """Check that ``checkpoint`` has exactly the reference's tensor names, shapes and dtypes.
+
+    Parameters
+    ----------
+    reference : dict
+        ``{name: {"shape": [int, ...], "dtype": str}}``, the ``"tensors"`` part of
+        :meth:`Checkpoint.fingerprint` of the store's base model.
+    checkpoint : Checkpoint
+        The checkpoint to check, usually a fine-tune.
+    label : str
+        How to name the checkpoint in the message, e.g. ``"task 'math' (/path/to/ckpt)"``.
+
+    Raises
+    ------
+    BaseMismatchError
+        Listing missing and extra tensors and shape and dtype mismatches, up to five of each
+        with their counts.
+    """
+    found = set(checkpoint.names)
+    missing = sorted(set(reference) - found)
+    extra = sorted(found - set(reference))
+    shapes, dtypes = [], []
+    for name in sorted(set(reference) & found):
+        shape, dtype = checkpoint.spec(name)
+        expected_shape = [int(size) for size in reference[name]["shape"]]
+        if list(shape) != expected_shape:
+            shapes.append(f"{name!r} expected {expected_shape}, found {list(shape)}")
+        if dtype != reference[name]["dtype"]:
+            dtypes.append(f"{name!r} expected {reference[name]['dtype']}, found {dtype}")
+    problems = [
+        _summarize("missing tensor", [repr(name) for name in missing]),
+        _summarize("extra tensor", [repr(name) for name in extra]),
+        _summarize("shape mismatch", shapes, plural="shape mismatches"),
+        _summarize("dtype mismatch", dtypes, plural="dtype mismatches"),
+    ]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise BaseMismatchError(
+            f"{label} does not match the store's base model: {'; '.join(problems)}. "
+            "It must be a fine-tune of the store's base model, with the same tensor names, shapes "
+            "and dtypes; check that you passed the right checkpoint (and base)."
+        )
+
+
+def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) -> torch.Tensor:
+    """One tensor of a task vector, ``finetuned - base``.
+
+    Parameters
+    ----------
+    base, finetuned : Checkpoint
+        The base model and a fine-tune of it (see :func:`check_compatible`).
+    name : str
+        Tensor name present in both.
+    label : str
+        How to name the fine-tune in messages, e.g. ``"task 'math' (/path/to/ckpt)"``.
+
+    Returns
+    -------
+    Tensor of shape ``base.spec(name)[0]``, float32, on CPU. Integer and bool tensors (buffers
+    such as position ids) give their difference too; the caller decides what to keep.
+
+    Raises
+    ------
+    InvalidInputError
+        If the fine-tuned tensor holds NaN or Inf values.
+    BaseMismatchError
+        If the two tensors differ in shape.
+    """
+    base_shape, base_dtype = base.spec(name)
+    shape, dtype = finetuned.spec(name)
+    if shape != base_shape:
+        raise BaseMismatchError(
+            f"{label}: tensor {name!r} has shape {list(shape)}, the base has {list(base_shape)}; "
+            "the checkpoint must be a fine-tune of the store's base model."
+        )
+    # float64 keeps integer and F64 differences exact before the final rounding to float32.
+    wide = dtype in _INTEGER_DTYPES or dtype == "F64" or base_dtype in _INTEGER_DTYPES or base_dtype == "F64"
+    work_dtype = torch.float64 if wide else torch.float32
+    tuned = finetuned.get(name, dtype=work_dtype)
+    bad = int((~torch.isfinite(tuned)).sum())
+    if bad:
+        raise InvalidInputError(
+            f"{label}: tensor {name!r} holds {bad} NaN/Inf value{'s' if bad != 1 else ''} "
+            f"out of {tuned.numel()}; the fine-tune diverged or was saved incorrectly: fix or retrain it."
+        )
+    return (tuned - base.get(name, dtype=work_dtype)).to(torch.float32)
+
+
+def save_checkpoint(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    path: str | os.PathLike,
+    max_shard_bytes: int = 2 * 1024**3,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write tensors as safetensors, streaming, each file atomically.
+
+    Parameters
+    ----------
+    tensors : iterable of (str, Tensor)
+        Names and tensors, any device and layout; may be a generator. At most one shard's worth
+        of tensors is held at a time.
+    path : str or os.PathLike
+        A path ending in ``.safetensors`` gets one file whatever its size. Any other path is a
+        directory (created if needed): one ``model.safetensors`` if everything fits in one shard,
+        else ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``.
+        Files of an earlier checkpoint written there under these names are replaced or removed;
+        other files are left alone.
+    max_shard_bytes : int, default 2 GiB
+        Most tensor bytes per shard; a single larger tensor gets a shard of its own.
+    metadata : dict of str to str, optional
+        Stored in every file's header (``"format": "pt"`` is added unless given) and in the index.
+
+    Returns
+    -------
+    list of Path
+        The files written: the shards in order, then the index if there is one.
+
+    Raises
+    ------
+    InvalidInputError
+        On a bad name, duplicate name, unsupported dtype, bad ``max_shard_bytes`` or
+        ``metadata``, or no tensors at all.
+    """
+    path = Path(path)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise InvalidInputError(
+            f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}; pass e.g. 2 * 1024**3."
+        )
+    header_metadata = {"format": "pt", **_check_metadata(metadata)}
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise InvalidInputError(
+            f"cannot save to {str(path)!r}: tvbase writes safetensors only, never pickle; "
+            "use a path ending in .safetensors, or a directory."
+        )
+    if path.suffix == ".safetensors":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shard = dict(_saveable(tensors))
+        if not shard:
+            raise _no_tensors(path)
+        _write_atomic(path, lambda temp: save_file(shard, temp, metadata=header_metadata))
+        return [path]
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(
+            f"cannot save to {str(path)!r}: it is an existing file and not a .safetensors path; "
+            "give a directory, or a path ending in .safetensors."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return _save_sharded(tensors, path, max_shard_bytes, header_metadata, metadata or {})
+
+
+# --- opening -------------------------------------------------------------------------------------------
+
+
+def _open_directory(directory: Path) -> dict[str, _Entry]:
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    if (directory / _INDEX_NAME).exists():
+        indexes = [directory / _INDEX_NAME]
+    if len(indexes) > 1:
+        raise InvalidInputError(
+            f"checkpoint directory {str(directory)!r} holds {len(indexes)} safetensors indexes "
+            f"({', '.join(index.name for index in indexes)}): expected one; pass the index file to open."
+        )
+    if indexes:
+        return _read_index(indexes[0], directory)
+    # Hidden files are editor or OS droppings (e.g. macOS "._model.safetensors"), never weights.
+    weights = sorted(p for p in directory.glob("*.safetensors") if not p.name.startswith("."))
+    if len(weights) == 1:
+        _check_inside(weights[0], directory, what="safetensors file")
+        _refuse_non_safetensors(weights[0])
+        return _read_header(weights[0])
+    if len(weights) > 1:
+        raise InvalidInputError(
+            f"checkpoint directory {str(directory)!r} holds {len(weights)} .safetensors files "
+            f"({_first_names(weights)}) but no {_INDEX_NAME}: expected one file, or shards with an index; "
+            "add the index, or open a single file."
+        )
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise InvalidInputError(
+            f"checkpoint directory {str(directory)!r} holds only pickle weight files ({_first_names(pickles)}): "
+            "pickle checkpoints are refused for safety (loading them can run arbitrary code); "
+            "convert them to safetensors (e.g. safetensors.torch.save_file on a state dict loaded "
+            "with torch.load(weights_only=True))."
+        )
+    raise InvalidInputError(
+        f"checkpoint directory {str(directory)!r} holds no .safetensors file: expected a model.safetensors "
+        f"or shards with {_INDEX_NAME}; check the path."
+    )
+
+
+def _refuse_non_safetensors(file: Path) -> None:
+    if file.suffix in _PICKLE_SUFFIXES:
+        raise InvalidInputError(
+            f"{str(file)!r} is a pickle checkpoint ({file.suffix}): pickle checkpoints are refused for "
+            "safety (loading them can run arbitrary code); convert it to safetensors (e.g. "
+            "safetensors.torch.save_file on a state dict loaded with torch.load(weights_only=True))."
+        )
+    if file.suffix != ".safetensors":
+        raise InvalidInputError(
+            f"{str(file)!r} is not a safetensors file: expected a .safetensors suffix, found "
+            f"{file.suffix or 'none'!r}; convert the checkpoint to safetensors."
+        )
+
+
+def _check_inside(file: Path, directory: Path, what: str) -> None:
+    # A symlink may point anywhere; only what lies inside the checkpoint directory is part of it.
+    if not file.resolve().is_relative_to(directory.resolve()):
+        raise InvalidInputError(
+            f"{what} {str(file)!r} resolves to {str(file.resolve())!r}, outside the checkpoint directory "
+            f"{str(directory)!r}: shards must lie inside it; copy the real files into the directory."
+        )
+
+
+def _read_index(index: Path, directory: Path) -> dict[str, _Entry]:
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidInputError(
+            f"index {str(index)!r} is not valid JSON ({error}): expected "
+            '{"metadata": ..., "weight_map": {tensor: shard}}; re-export or re-download it.'
+        ) from error
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(name, str) and isinstance(shard, str) for name, shard in weight_map.items()
+    ):
+        raise InvalidInputError(
+            f"index {str(index)!r} has no valid weight_map: expected an object mapping tensor names "
+            f"to shard file names, found {type(weight_map).__name__}; re-export or re-download it."
+        )
+    headers = {}
+    for shard in sorted(set(weight_map.values())):
+        headers[shard] = _read_header(_shard_path(shard, index, directory))
+    entries = {}
+    for name, shard in weight_map.items():
+        if name not in headers[shard]:
+            raise InvalidInputError(
+                f"index {str(index)!r} puts tensor {name!r} in shard {shard!r}, but that shard does "
+                f"not hold it ({len(headers[shard])} tensors); the index and shards come from "
+                "different exports: re-export or re-download the checkpoint."
+            )
+        entries[name] = headers[shard][name]
+    return entries
+
+
+def _shard_path(shard: str, index: Path, directory: Path) -> Path:
+    parts = PurePosixPath(shard).parts + PureWindowsPath(shard).parts
+    if not shard or PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).is_absolute() or ".." in parts:
+        raise InvalidInputError(
+            f"index {str(index)!r} names shard {shard!r}: expected a file name relative to the "
+            "checkpoint directory, without '..' or an absolute path; fix the index."
+        )
+    path = directory / shard
+    if not path.is_file():
+        raise InvalidInputError(
+            f"index {str(index)!r} names shard {shard!r}, which is missing from {str(directory)!r}; "
+            "download or copy the missing shard."
+        )
+    _check_inside(path, directory, what="shard")
+    _refuse_non_safetensors(path)
+    return path
+
+
+def _read_header(file: Path) -> dict[str, _Entry]:
+    """Parse and validate a safetensors header without trusting any of it."""
+    size = file.stat().st_size
+    where = f"safetensors file {str(file)!r}"
+    if size < 8:
+        raise InvalidInputError(
+            f"{where} is {size} bytes: expected at least 8 (the header length); "
+            "the file is truncated or not safetensors: re-export or re-download it."
+        )
+    with open(file, "rb") as handle:
+        (header_bytes,) = struct.unpack("<Q", handle.read(8))
+        if header_bytes > _MAX_HEADER_BYTES:
+            raise InvalidInputError(
+                f"{where} declares an oversized header of {header_bytes} bytes: expected at most "
+                f"{_MAX_HEADER_BYTES}; the file is corrupt or not safetensors: re-export or re-download it."
+            )
+        if 8 + header_bytes > size:
+            raise InvalidInputError(
+                f"{where} is truncated: its header needs {8 + header_bytes} bytes, the file has {size}; "
+                "re-export or re-download it."
+            )
+        raw = handle.read(header_bytes)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, _DuplicateKeyError) as error:
+        raise InvalidInputError(
+            f"{where} has a header that is not valid UTF-8 JSON ({error}); the file is corrupt or "
+            "not safetensors: re-export or re-download it."
+        ) from error
+    if not isinstance(header, dict):
+        raise InvalidInputError(
+            f"{where} has a header that is a JSON {type(header).__name__}: expected an object; "
+            "the file is corrupt: re-export or re-download it."
+        )
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidInputError(
+            f"{where} has __metadata__ that is not an object of strings; re-export the file."
+        )
+    data_start, data_bytes = 8 + header_bytes, size - 8 - header_bytes
+    entries = {}
+    for name, info in header.items():
+        dtype, shape, begin, end = _check_entry(where, name, info)
+        if end > data_bytes:
+            raise InvalidInputError(
+                f"{where}: tensor {name!r} ends at data byte {end}, past the {data_bytes} bytes the file "
+                "holds; the file is truncated or corrupt: re-export or re-download it."
+            )
+        entries[name] = _Entry(file, dtype, shape, data_start + begin, data_start + end)
+    _check_layout(where, entries, data_start, data_bytes)
+    return entries
+
+
+def _check_entry(where: str, name: str, info: object) -> tuple[str, tuple[int, ...], int, int]:
+    def bad(what: str) -> InvalidInputError:
+        return InvalidInputError(f"{where}: tensor {name!r} {what}; the file is corrupt: re-export it.")
+
+    if not isinstance(info, dict):
+        raise bad(f"has a header entry of type {type(info).__name__}: expected an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPE_BITS:
+        raise bad(f"has dtype {dtype!r}: expected one of {', '.join(sorted(_DTYPE_BITS))}")
+    if not isinstance(shape, list) or not all(_is_count(size) for size in shape):
+        raise bad(f"has shape {shape!r}: expected a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(offset) for offset in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise bad(f"has data_offsets {offsets!r}: expected [begin, end] with 0 <= begin <= end")
+    bits = math.prod(shape) * _DTYPE_BITS[dtype]
+    if bits % 8 or offsets[1] - offsets[0] != bits // 8:
+        raise bad(
+            f"has data_offsets {offsets} spanning {offsets[1] - offsets[0]} bytes: shape {shape} of "
+            f"{dtype} needs {bits / 8:g}"
+        )
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _check_layout(where: str, entries: dict[str, _Entry], data_start: int, data_bytes: int) -> None:
+    # safetensors requires the tensors to tile the data region exactly: no overlap, no gap, no tail.
+    position = data_start
+    previous = None
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin < position:
+            raise InvalidInputError(
+                f"{where}: tensors {previous!r} and {name!r} overlap (data bytes "
+                f"{entry.begin - data_start} < {position - data_start}); the file is corrupt: re-export it."
+            )
+        if entry.begin > position:
+            raise InvalidInputError(
+                f"{where}: a gap of {entry.begin - position} bytes precedes tensor {name!r}; expected "
+                "tensors packed back to back; the file is corrupt: re-export it."
+            )
+        position, previous = entry.end, name
+    if position != data_start + data_bytes:
+        raise InvalidInputError(
+            f"{where}: the tensors cover {position - data_start} data bytes but the file holds {data_bytes}; "
+            "expected no trailing bytes; the file is corrupt: re-export it."
+        )
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads would silently keep the last duplicate; a header naming a tensor twice is corrupt.
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _hash_range(digest, file, entry: _Entry) -> None:
+    file.seek(entry.begin)
+    remaining = entry.end - entry.begin
+    while remaining:
+        chunk = file.read(min(remaining, _HASH_CHUNK_BYTES))
+        if not chunk:
+            raise InvalidInputError(
+                f"safetensors file {str(entry.file)!r} ended early while hashing; it changed since it "
+                "was opened: re-export or re-download it."
+            )
+        digest.update(chunk)
+        remaining -= len(chunk)
+
+
+def _first_names(paths: list[Path], limit: int = 5) -> str:
+    shown = ", ".join(path.name for path in paths[:limit])
+    return shown + (f", ... and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _summarize(kind: str, items: list[str], plural: str | None = None, limit: int = 5) -> str:
+    if not items:
+        return ""
+    noun = kind if len(items) == 1 else plural or kind + "s"
+    shown = ", ".join(items[:limit])
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{len(items)} {noun}: {shown}{more}"
+
+
+# --- saving --------------------------------------------------------------------------------------------
+
+
+def _check_metadata(metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
+    ):
+        raise InvalidInputError(
+            f"metadata must be a dict of str to str (safetensors stores text only), got {metadata!r}; "
+            "convert values with str() or json.dumps()."
+        )
+    return dict(metadata)
+
+
+def _saveable(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Validate names and yield each tensor as a dense, contiguous CPU tensor owning its storage."""
+    seen, storages = set(), set()
+    for item in tensors:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise InvalidInputError(
+                f"save_checkpoint expects (name, tensor) pairs, got {type(item).__name__}; "
+                "pass e.g. state_dict.items()."
+            )
+        name, tensor = item
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise InvalidInputError(
+                f"tensor name {name!r} is not allowed: expected a non-empty string other than "
+                "'__metadata__'; rename the tensor."
+            )
+        if name in seen:
+            raise InvalidInputError(f"tensor name {name!r} appears twice: names must be unique; rename one.")
+        seen.add(name)
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_meta:
+            raise InvalidInputError(
+                f"tensor {name!r} is {_describe(tensor)}: expected a dense torch.Tensor with data; "
+                "convert it with .to_dense() or materialize it first."
+            )
+        if tensor.dtype not in _TORCH_TO_SAFETENSORS:
+            raise InvalidInputError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store here: expected "
+                f"one of {', '.join(sorted(str(d) for d in _TORCH_TO_SAFETENSORS))}; convert it first."
+            )
+        tensor = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing storage (tied weights) and a view would drag its
+        # whole storage along, so give such tensors storage of their own.
+        storage = tensor.untyped_storage()
+        if storage.nbytes() != tensor.nbytes or tensor.storage_offset() or storage.data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        yield name, tensor
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return "a meta tensor" if value.is_meta else f"a tensor of layout {value.layout}"
+    return f"a {type(value).__name__}"
+
+
+def _save_sharded(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: Path,
+    max_shard_bytes: int,
+    header_metadata: dict[str, str],
+    index_metadata: dict[str, str],
+) -> list[Path]:
+    # The shard count is unknown until the stream ends, so shards get temporary names first.
+    token = uuid.uuid4().hex
+    temps, weight_maps = [], []
+    shard, shard_bytes, total_bytes = {}, 0, 0
+
+    def flush() -> None:
+        temp = directory / f".tvbase-{token}-{len(temps):05d}.safetensors.tmp"
+        temps.append(temp)
+        save_file(shard, temp, metadata=header_metadata)
+        _fsync(temp)
+        weight_maps.append(list(shard))
+
+    try:
+        for name, tensor in _saveable(tensors):
+            if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+                flush()
+                shard, shard_bytes = {}, 0
+            shard[name] = tensor
+            shard_bytes += tensor.nbytes
+            total_bytes += tensor.nbytes
+        if not shard:
+            raise _no_tensors(directory)
+        flush()
+        shard = {}  # release the last shard before renaming
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise
+
+    count = len(temps)
+    names = [_SINGLE_NAME] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    finals = [directory / name for name in names]
+    # Drop any old index first: a crash midway then leaves a checkpoint that fails to open loudly
+    # (several shards, no index) rather than an old index silently mixing old and new shards.
+    (directory / _INDEX_NAME).unlink(missing_ok=True)
+    for temp, final in zip(temps, finals):
+        os.replace(temp, final)
+    written = list(finals)
+    if count > 1:
+        index = {
+            "metadata": {**index_metadata, "total_size": total_bytes},
+            "weight_map": {name: final.name for final, shard_names in zip(finals, weight_maps) for name in shard_names},
+        }
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        _write_atomic(directory / _INDEX_NAME, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+        written.append(directory / _INDEX_NAME)
+    for stale in directory.iterdir():
+        if stale not in finals and (stale.name == _SINGLE_NAME or _SHARD_NAME.fullmatch(stale.name)):
+            stale.unlink()
+    return written
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Call ``write(temp_path)``, then move the result to ``path`` in one step."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(temp)
+        _fsync(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    # Without it a crash soon after os.replace could leave an empty file under the final name.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _no_tensors(path: Path) -> InvalidInputError:
+    return InvalidInputError(f"no tensors to save to {str(path)!r}: expected at least one (name, tensor) pair.")
