@@ -1,0 +1,356 @@
+"""Quantization of factor matrices with one absmax scale per column.
+
+Factor matrices (``U``, ``V``, cores, per-task SVD factors) are small next to the tensors they
+rebuild, and the pilot measured int8 factors within 0.001 accuracy of fp32 (see DESIGN.md), so a
+plain symmetric round-to-nearest quantizer is enough; no calibration, no outlier handling.
+
+Payload layout (all little-endian, self-contained given ``bits`` and ``shape``):
+
+- ``bits=32``: ``rows * cols`` float32 values, row-major.
+- ``bits=16``: ``rows * cols`` float16 values, row-major.
+- ``bits in {8, 4, 2}``: ``cols`` float32 scales, then the codes of the row-major flattened
+  matrix. A code ``q`` in ``[-qmax, qmax]``, ``qmax = 2**(bits-1) - 1``, decodes to
+  ``q * scale[col]``.
+
+  - 8 bits: one int8 (two's complement) per element.
+  - 4 and 2 bits: ``8 // bits`` codes per byte, stored offset-binary as ``q + 2**(bits-1)``
+    (so 1..15 for 4 bits, 1..3 for 2 bits). Element ``k`` of the flattened matrix sits in byte
+    ``k // per_byte`` at bit offset ``bits * (k % per_byte)``: the first element in the least
+    significant bits. The last byte is padded with zero fields, which no code uses.
+
+Note that 2 bits give three levels, ``{-scale, 0, +scale}``: symmetric codes leave one of the
+four patterns unused, in exchange for an exact zero and no bias.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tvbase.errors import InvalidInputError
+
+__all__ = [
+    "QUANTIZERS",
+    "QuantizedMatrix",
+    "dequantize",
+    "parse_bits",
+    "payload_nbytes",
+    "quantize",
+]
+
+# Name -> bits. Integer codes follow the symmetric absmax scheme of LLM.int8()/GPTQ-style
+# per-channel quantization (Dettmers et al., 2022), here per column of a factor matrix.
+QUANTIZERS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
+
+_VALID_BITS = tuple(QUANTIZERS.values())  # (32, 16, 8, 4, 2)
+_FLOAT_DTYPES = {32: np.dtype("<f4"), 16: np.dtype("<f2")}
+_SCALE_DTYPE = np.dtype("<f4")
+_FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+
+
+def _choices() -> str:
+    names = ", ".join(QUANTIZERS)
+    bits = ", ".join(str(b) for b in _VALID_BITS)
+    return f"{names} (or bits {bits})"
+
+
+def parse_bits(name_or_int: str | int) -> int:
+    """Bits of a quantizer given by name (``"int8"``) or by bit count (``8`` or ``"8"``).
+
+    Parameters
+    ----------
+    name_or_int : str or int
+        A key of :data:`QUANTIZERS` (case-insensitive) or one of 32, 16, 8, 4, 2.
+
+    Returns
+    -------
+    int
+        One of 32, 16, 8, 4, 2.
+
+    Raises
+    ------
+    InvalidInputError
+        For anything else; the message lists the valid choices.
+    """
+    if isinstance(name_or_int, str):
+        key = name_or_int.strip().lower()
+        if key in QUANTIZERS:
+            return QUANTIZERS[key]
+        if key.isdigit() and int(key) in _VALID_BITS:
+            return int(key)
+    elif isinstance(name_or_int, numbers.Integral) and not isinstance(name_or_int, bool):
+        if int(name_or_int) in _VALID_BITS:
+            return int(name_or_int)
+    raise InvalidInputError(f"unknown quantizer {name_or_int!r}; valid choices: {_choices()}")
+
+
+def _check_shape(shape) -> tuple[int, int]:
+    try:
+        rows, cols = shape
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"shape must be (rows, cols), got {shape!r}") from None
+    for n in (rows, cols):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise InvalidInputError(
+                f"shape must be two non-negative integers, got {shape!r}"
+            )
+    return int(rows), int(cols)
+
+
+def payload_nbytes(rows: int, cols: int, bits: int) -> int:
+    """Exact size in bytes of the payload of a ``(rows, cols)`` matrix quantized to ``bits``.
+
+    Used by the budget allocator before anything is quantized; equals
+    ``len(quantize(x, bits).to_bytes())`` for every ``x`` of that shape.
+    """
+    rows, cols = _check_shape((rows, cols))
+    bits = parse_bits(bits)
+    if bits in _FLOAT_DTYPES:
+        return rows * cols * _FLOAT_DTYPES[bits].itemsize
+    return cols * _SCALE_DTYPE.itemsize + math.ceil(rows * cols * bits / 8)
+
+
+def _qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack signed codes into bytes, first element in the low bits (see module docstring).
+
+    Parameters
+    ----------
+    codes : torch.Tensor of shape (n,), integer dtype, values in [-qmax, qmax]
+    bits : {8, 4, 2}
+
+    Returns
+    -------
+    torch.Tensor of shape (ceil(n * bits / 8),), dtype uint8, same device as ``codes``
+    """
+    if bits == 8:
+        return codes.to(torch.int8).view(torch.uint8)  # two's complement bytes
+    per_byte = 8 // bits
+    fields = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)  # offset binary, >= 1
+    pad = (-fields.numel()) % per_byte
+    fields = torch.nn.functional.pad(fields, (0, pad))  # zero fields: never a valid code
+    fields = fields.view(-1, per_byte)  # (n_bytes, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)  # (per_byte,)
+    # Fields occupy disjoint bits, so a sum is a bitwise OR.
+    return (fields << shifts).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def _unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_codes`.
+
+    Parameters
+    ----------
+    packed : torch.Tensor of shape (n_bytes,), dtype uint8, any device
+    bits : {8, 4, 2}
+    count : int
+        Number of codes to return (drops the padding).
+
+    Returns
+    -------
+    torch.Tensor of shape (count,), dtype int8, same device as ``packed``
+    """
+    if bits == 8:
+        return packed[:count].view(torch.int8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (per_byte,)
+    mask = (1 << bits) - 1
+    fields = (packed[:, None] >> shifts) & mask  # (n_bytes, per_byte)
+    fields = fields.reshape(-1)[:count]  # (count,)
+    return (fields.to(torch.int8) - 2 ** (bits - 1)).to(torch.int8)
+
+
+@dataclass(frozen=True)
+class QuantizedMatrix:
+    """A quantized ``(rows, cols)`` float32 matrix and its exact byte payload.
+
+    Build with :func:`quantize` or :meth:`from_bytes`; decode with :func:`dequantize`.
+
+    Parameters
+    ----------
+    bits : {32, 16, 8, 4, 2}
+    shape : tuple of int (rows, cols)
+    data : bytes
+        The payload described in the module docstring; ``len(data) == payload_nbytes(*shape,
+        bits)``. Immutable, so instances are hashable and compare by value.
+    """
+
+    bits: int
+    shape: tuple[int, int]
+    data: bytes
+
+    def __post_init__(self):
+        # Inner code trusts instances, so check the invariants once, here.
+        object.__setattr__(self, "bits", parse_bits(self.bits))
+        object.__setattr__(self, "shape", _check_shape(self.shape))
+        if not isinstance(self.data, bytes):
+            raise InvalidInputError(
+                f"data must be bytes, got {type(self.data).__name__}; "
+                "use QuantizedMatrix.from_bytes"
+            )
+        expected = payload_nbytes(*self.shape, self.bits)
+        if len(self.data) != expected:
+            raise InvalidInputError(
+                f"payload of a {self.shape[0]}x{self.shape[1]} matrix at {self.bits} bits must be "
+                f"{expected} bytes, got {len(self.data)}"
+            )
+
+    def __repr__(self) -> str:
+        return f"QuantizedMatrix(bits={self.bits}, shape={self.shape}, nbytes={self.nbytes})"
+
+    @property
+    def nbytes(self) -> int:
+        """Size of :meth:`to_bytes`, in bytes."""
+        return len(self.data)
+
+    @property
+    def scales(self) -> np.ndarray | None:
+        """Per-column scales, ndarray of shape (cols,), float32, read-only; None for 32/16 bits."""
+        if self.bits in _FLOAT_DTYPES:
+            return None
+        return np.frombuffer(self.data, dtype=_SCALE_DTYPE, count=self.shape[1])
+
+    @property
+    def codes(self) -> np.ndarray | None:
+        """Integer codes, ndarray of shape (rows, cols), int8, unpacked; None for 32/16 bits."""
+        if self.bits in _FLOAT_DTYPES:
+            return None
+        rows, cols = self.shape
+        packed = np.frombuffer(self.data, dtype=np.uint8, offset=cols * _SCALE_DTYPE.itemsize)
+        codes = _unpack_codes(torch.from_numpy(packed.copy()), self.bits, rows * cols)  # (r*c,)
+        return codes.numpy().reshape(rows, cols)
+
+    def to_bytes(self) -> bytes:
+        """The self-contained little-endian payload; see the module docstring for its layout."""
+        return self.data
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes | bytearray | memoryview | np.ndarray, bits: int | str, shape
+    ) -> "QuantizedMatrix":
+        """Rebuild from a payload written by :meth:`to_bytes`.
+
+        Parameters
+        ----------
+        data : bytes, bytearray, memoryview or ndarray of dtype uint8
+            The payload; copied, so the caller may reuse its buffer.
+        bits : int or str
+            As given to :func:`quantize`.
+        shape : tuple of int (rows, cols)
+
+        Raises
+        ------
+        InvalidInputError
+            If the length does not match ``payload_nbytes(rows, cols, bits)``.
+        """
+        if isinstance(data, np.ndarray):
+            if data.dtype != np.uint8:
+                raise InvalidInputError(f"payload array must have dtype uint8, got {data.dtype}")
+            data = np.ascontiguousarray(data).tobytes()
+        elif isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
+        elif not isinstance(data, bytes):
+            raise InvalidInputError(
+                f"payload must be bytes, memoryview or a uint8 array, got {type(data).__name__}"
+            )
+        return cls(bits=bits, shape=shape, data=data)
+
+
+@torch.no_grad()
+def quantize(x: torch.Tensor, bits: int | str) -> QuantizedMatrix:
+    """Quantize a matrix with one absmax scale per column.
+
+    Parameters
+    ----------
+    x : torch.Tensor of shape (rows, cols), floating dtype, any device
+        Converted to float32 first. Must be finite.
+    bits : int or str
+        32, 16, 8, 4 or 2, or a name from :data:`QUANTIZERS`.
+
+    Returns
+    -------
+    QuantizedMatrix
+        For integer codes, ``scale = absmax(column) / qmax`` (float32, 0 for a zero column) and
+        ``code = round(x / scale)`` (round half to even), so every element decodes within
+        ``scale / 2`` of its float32 value.
+
+    Raises
+    ------
+    InvalidInputError
+        For a non-2-D or non-floating tensor, non-finite values, values outside the float16 range
+        with ``bits=16``, or an unknown ``bits``.
+    """
+    bits = parse_bits(bits)
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
+        desc = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InvalidInputError(f"expected a 2-D floating torch.Tensor, got {desc}")
+    x = x.detach().to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise InvalidInputError("matrix contains NaN or inf; cannot quantize")
+    rows, cols = x.shape
+
+    if bits in _FLOAT_DTYPES:
+        if bits == 16 and x.numel() and x.abs().max().item() > _FP16_MAX:
+            raise InvalidInputError(
+                f"values up to {x.abs().max().item():.4g} overflow float16 (max {_FP16_MAX:g}); "
+                "use bits=32 or an integer quantizer"
+            )
+        values = x.to(torch.float16 if bits == 16 else torch.float32).contiguous().cpu().numpy()
+        data = values.astype(_FLOAT_DTYPES[bits], copy=False).tobytes()  # row-major
+        return QuantizedMatrix(bits=bits, shape=(rows, cols), data=data)
+
+    qmax = _qmax(bits)
+    if rows:
+        scale = x.abs().amax(dim=0) / qmax  # (cols,) float32
+    else:
+        scale = x.new_zeros(cols)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero column: codes are 0
+    codes = torch.round(x / safe).clamp_(-qmax, qmax).to(torch.int8)  # (rows, cols)
+    packed = _pack_codes(codes.reshape(-1), bits)  # (n_bytes,), row-major order
+    data = scale.cpu().numpy().astype(_SCALE_DTYPE, copy=False).tobytes()
+    data += packed.cpu().numpy().tobytes()
+    return QuantizedMatrix(bits=bits, shape=(rows, cols), data=data)
+
+
+@torch.no_grad()
+def dequantize(q: QuantizedMatrix, device: torch.device | str | None = None) -> torch.Tensor:
+    """Decode a :class:`QuantizedMatrix` on ``device``.
+
+    Only the payload bytes travel to the device; codes are unpacked and scaled there with torch
+    ops, so a GPU rebuild moves ``bits / 32`` of the float32 size.
+
+    Parameters
+    ----------
+    q : QuantizedMatrix
+    device : torch.device or str, optional
+        Defaults to the CPU.
+
+    Returns
+    -------
+    torch.Tensor of shape (rows, cols), dtype float32, on ``device``
+    """
+    if not isinstance(q, QuantizedMatrix):
+        raise InvalidInputError(f"expected a QuantizedMatrix, got {type(q).__name__}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    rows, cols = q.shape
+    if not rows * cols:
+        return torch.zeros(rows, cols, dtype=torch.float32, device=device)
+    # numpy reads the little-endian payload into native-order arrays (astype copies, so torch
+    # gets a writable buffer); only the payload-sized array then travels to the device.
+    if q.bits in _FLOAT_DTYPES:
+        wire = _FLOAT_DTYPES[q.bits]
+        values = np.frombuffer(q.data, dtype=wire).astype(wire.newbyteorder("="))
+        values = torch.from_numpy(values).to(device)  # (rows * cols,) float32 or float16
+        return values.to(torch.float32).view(rows, cols)
+
+    n_scale = cols * _SCALE_DTYPE.itemsize
+    scale = np.frombuffer(q.data, dtype=_SCALE_DTYPE, count=cols).astype(np.float32)
+    scale = torch.from_numpy(scale).to(device)  # (cols,)
+    packed = torch.from_numpy(np.frombuffer(q.data, dtype=np.uint8, offset=n_scale).copy())
+    codes = _unpack_codes(packed.to(device), q.bits, rows * cols)  # (rows * cols,) int8
+    return codes.to(torch.float32).view(rows, cols) * scale[None, :]  # (rows, cols)
