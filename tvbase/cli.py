@@ -229,8 +229,8 @@ def _add_fit_options(p):
     g.add_argument("--rank", type=int, help="explicit rank for every matrix instead of a budget")
     g.add_argument("--residual-rank", type=int, help="with --rank: per-task residual rank on top of the shared fit")
     g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.25)")
-    g.add_argument("--bits", help="factor precision: int8 (default), int4, int2, fp16, fp32")
-    g.add_argument("--dense-bits", help="precision of biases and norms: fp16 (default), int8, fp32, ...")
+    g.add_argument("--bits", help="factor precision: int4 (default), int8, int2, fp16, fp32")
+    g.add_argument("--dense-bits", help="precision of biases and norms: int8 (default), int4, fp16, fp32")
     g.add_argument("--clusters", help="number of task clusters, or auto (eigengap; default)")
     g.add_argument("--max-rank", type=int, help="largest rank considered per matrix (default 256)")
 
