@@ -217,6 +217,25 @@ def cmd_compact(args):
     _print(args, {"version": version, "tasks": rows}, format_table(rows, LS_COLUMNS) + f"\nversion {version}")
 
 
+def cmd_verify(args):
+    from .errors import IntegrityError
+    from .store import Store
+
+    report = Store.open(args.store, at=args.at).verify()
+    c = report["checked"]
+    text = f"checked {c['tasks']} tasks, {c['index_rows']} offset-table rows, {c['payload_chunks']} payload chunks: "
+    _print(args, report, text + ("ok" if report["ok"] else "DAMAGED\n" + "\n".join(f"  {p}" for p in report["problems"])))
+    if not report["ok"]:
+        raise IntegrityError(f"{args.store} failed verification ({len(report['problems'])} problems)")
+
+
+def cmd_gc(args):
+    from .store import Store
+
+    expired = Store.open(args.store).gc(args.keep, wait=args.wait)
+    print(f"expired {expired} old version(s); kept the newest {args.keep}")
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -315,6 +334,15 @@ def build_parser():
     _add_fit_options(p)
     device(p), writer(p), listing(p)
 
+    p = command("verify", cmd_verify, "check every checksum, offset-table row and task's metadata")
+    p.add_argument("store")
+    reader(p), listing(p)
+
+    p = command("gc", cmd_gc, "expire all but the newest N versions and delete what only they used")
+    p.add_argument("store")
+    p.add_argument("--keep", type=int, required=True, metavar="N", help="versions of main to keep (>= 1)")
+    writer(p)
+
     p = command("demo", cmd_demo, "build a small real zoo on sklearn digits, ingest it, report accuracy and storage")
     p.add_argument("--cache", help="where the zoo is cached (default: $TVBASE_CACHE or ~/.cache/tvbase)")
     p.add_argument("--budget", help="storage budget (default 3%%)")
@@ -324,7 +352,13 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = parser._subparsers._group_actions[0].choices
+    if argv and argv[0] in commands:
+        # intermixed: options may come between positionals (`ingest STORE -q a=x b=y`)
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.func(args)
     except TvbaseError as e:

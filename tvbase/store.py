@@ -47,7 +47,7 @@ from .errors import (
 )
 from .factors import ROLES_SHARED, ROLES_TASK, SharedBasis, TaskTensor, matrix_shape
 from .ingest.factorize import FitParams, fit, raw_bytes
-from .ingest.quantize import QuantizedMatrix
+from .ingest.quantize import QuantizedMatrix, payload_nbytes
 from .reconstruct import rebuild_tensor
 from .sources import Checkpoint, check_compatible, task_vector
 
@@ -352,6 +352,67 @@ class Store:
     def _shared_bytes_by_cluster(self):
         return {int(c): self._owned_bytes(OWNER_SHARED, int(c)) for c in self.meta["clusters"]}
 
+    def verify(self):
+        """Check every chunk's checksum, every offset-table row and every task's metadata.
+
+        Returns
+        -------
+        dict with ``ok`` (bool), ``problems`` (list of str naming the damaged task or array) and
+        ``checked`` (counts of what was read).
+        """
+        problems = []
+        names = self.meta["tensors"]
+        owners = {(OWNER_TASK, tm["id"]): f"task {t!r}" for t, tm in self.meta["tasks"].items()}
+        owners.update({(OWNER_SHARED, int(c)): f"cluster {c} (tasks {', '.join(m['tasks'])})" for c, m in self.meta["clusters"].items()})
+        length = int(self._payload.shape[0])
+
+        def owner_of(row):
+            return owners.get((int(row[0]), int(row[1])), f"unknown owner {int(row[0])}/{int(row[1])}")
+
+        for row in self._index:
+            kind, owner, tensor, role, rows, cols, bits, offset, nbytes = (int(v) for v in row)
+            where = f"{owner_of(row)}, tensor {names[tensor] if 0 <= tensor < len(names) else tensor}"
+            if (kind, owner) not in owners:
+                problems.append(f"index row for {where} belongs to no task or cluster in the metadata")
+            if not 0 <= tensor < len(names) or not 0 <= role < len(ROLES) or bits not in (32, 16, 8, 4, 2):
+                problems.append(f"index row for {where} has an invalid tensor, role or bit width")
+                continue
+            if offset < 0 or offset + nbytes > length:
+                problems.append(f"{where}: factor {ROLES[role]} lies outside the payload ({offset}+{nbytes} > {length})")
+            elif nbytes != payload_nbytes(rows, cols, bits):
+                problems.append(f"{where}: factor {ROLES[role]} has {nbytes} bytes, its shape and bits need {payload_nbytes(rows, cols, bits)}")
+            else:
+                problems.extend(f"{where}: {p}" for p in self._check_factor_shape(names[tensor], ROLES[role], rows, cols))
+        for task, tm in self.meta["tasks"].items():
+            missing = {"id", "cluster", "kind", "raw_bytes", "rel_error", "source"} - set(tm)
+            if missing:
+                problems.append(f"task {task!r}: metadata lacks {', '.join(sorted(missing))}")
+            elif tm["cluster"] is not None and str(tm["cluster"]) not in self.meta["clusters"]:
+                problems.append(f"task {task!r}: its cluster {tm['cluster']} is not in the metadata")
+        # every payload chunk: zarr checks the crc32c when it decodes a chunk
+        chunks = (length + PAYLOAD_CHUNK - 1) // PAYLOAD_CHUNK
+        for i in range(chunks):
+            lo, hi = i * PAYLOAD_CHUNK, min(length, (i + 1) * PAYLOAD_CHUNK)
+            try:
+                _read_array(self._payload, "payload", slice(lo, hi))
+            except IntegrityError:
+                hit = self._index[(self._index[:, 7] < hi) & (self._index[:, 7] + self._index[:, 8] > lo)]
+                affected = sorted({owner_of(row) for row in hit}) or ["no live data (reclaimable bytes)"]
+                problems.append(f"payload chunk {i} (bytes {lo}-{hi}) fails its checksum; affected: {'; '.join(affected)}")
+        return {"ok": not problems, "problems": problems, "checked": {"index_rows": len(self._index), "payload_chunks": chunks, "tasks": len(self.meta["tasks"])}}
+
+    def _check_factor_shape(self, name, role, rows, cols):
+        mshape = matrix_shape(self.shapes[name])
+        numel = int(torch.Size(self.shapes[name]).numel())
+        if role == "dense":
+            return [] if (rows, cols) == (numel, 1) else [f"dense factor has shape {(rows, cols)}, expected {(numel, 1)}"]
+        if mshape is None:
+            return [f"factor {role} stored for a tensor that is stored densely"]
+        expected_rows = {"U": mshape[0], "A": mshape[0], "V": mshape[1], "B": mshape[1]}.get(role)
+        if expected_rows is not None and rows != expected_rows:
+            return [f"factor {role} has {rows} rows, expected {expected_rows}"]
+        return []
+
     # -- writing -------------------------------------------------------------------------
     @contextmanager
     def _transaction(self, message, metadata, wait=0.0):
@@ -458,6 +519,23 @@ class Store:
             _write_fit(root, meta, result, self.shapes, params, sources, append=False, previous=old)
             meta["params"] = params.to_dict()
         return self.version
+
+    def gc(self, keep, wait=0.0):
+        """Expire all but the ``keep`` newest versions of main and delete what only they used.
+
+        Returns the number of expired versions. Tags keep their snapshots alive.
+        """
+        if not isinstance(keep, int) or keep < 1:
+            raise InvalidInputError(f"--keep must be a positive integer, got {keep!r}")
+        with _WriterLock(self.path / "writer.lock", wait=wait):
+            history = list(self._repo.ancestry(branch="main"))
+            if len(history) <= keep:
+                return 0
+            cutoff = history[keep - 1].written_at
+            expired = self._repo.expire_snapshots(older_than=cutoff)
+            self._repo.garbage_collect(delete_object_older_than=cutoff)
+        self._load(self._repo.lookup_branch("main"))
+        return len(expired)
 
     def _open_base(self, base):
         path = base or self.meta["base"]["path"]
