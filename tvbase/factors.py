@@ -9,6 +9,10 @@ shape (m, n) is rebuilt as::
 (r_u, r_v) belongs to the task; ``A`` (m, q), ``B`` (n, q) are a per-task low-rank term (the
 residual of the shared fit, or the whole task for tasks stored as per-task SVD). Tensors that
 are not matrices (biases, norms, 1 x n rows) are stored densely as a (numel, 1) column.
+
+The seed-basis methods of Task Vector Bases (PCA, Gram autoencoder, cluster merge) store instead,
+for every tensor, a basis ``S`` (numel, M) and optionally a mean ``mu`` (numel, 1) shared by all
+their tasks, and per task one coefficient vector ``c_t`` (M,): ``tau ~= mu + S @ c_t``.
 """
 
 import math
@@ -33,14 +37,21 @@ def matrix_shape(shape):
 
 @dataclass
 class SharedBasis:
-    """Cluster-shared Tucker-2 factors of one tensor: ``U`` (m, r_u) and ``V`` (n, r_v)."""
+    """Factors of one tensor shared by a cluster's tasks: Tucker-2 ``U`` (m, r_u) and ``V``
+    (n, r_v), or a seed basis ``S`` (numel, M) with an optional mean ``mu`` (numel, 1)."""
 
-    U: QuantizedMatrix
-    V: QuantizedMatrix
+    U: QuantizedMatrix | None = None
+    V: QuantizedMatrix | None = None
+    S: QuantizedMatrix | None = None
+    mu: QuantizedMatrix | None = None
 
     @property
     def nbytes(self):
-        return self.U.nbytes + self.V.nbytes
+        return sum(p.nbytes for p in (self.U, self.V, self.S, self.mu) if p is not None)
+
+    def parts(self):
+        """(role, matrix) pairs of the parts present, in a fixed order."""
+        return [(role, p) for role, p in zip(("U", "V", "S", "mu"), (self.U, self.V, self.S, self.mu)) if p is not None]
 
 
 @dataclass
@@ -51,6 +62,7 @@ class TaskTensor:
     A: QuantizedMatrix | None = None  # (m, q)
     B: QuantizedMatrix | None = None  # (n, q)
     dense: QuantizedMatrix | None = None  # (numel, 1)
+    coef: tuple | None = None  # (M,) seed-basis coefficients; kept in metadata, not the payload
 
     @property
     def nbytes(self):
@@ -58,8 +70,6 @@ class TaskTensor:
 
     def parts(self):
         """(role, matrix) pairs of the parts present, in a fixed order."""
-        return [(role, p) for role, p in zip(ROLES_TASK, (self.core, self.A, self.B, self.dense)) if p is not None]
+        return [(role, p) for role, p in zip(("core", "A", "B", "dense"), (self.core, self.A, self.B, self.dense)) if p is not None]
 
 
-ROLES_TASK = ("core", "A", "B", "dense")
-ROLES_SHARED = ("U", "V")

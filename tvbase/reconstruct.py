@@ -33,27 +33,19 @@ def rebuild_tensor(shape, terms, device="cpu"):
     one product per cluster whatever the number of terms. Per-task low-rank terms are stacked
     into a single ``[alpha_t A_t] @ [B_t]^T`` product.
     """
+    numel = int(torch.Size(shape).numel())
+    out = torch.zeros(numel, device=device)  # flat; reshaped at the end
+    _add_seed_terms(out, terms, device)
     mshape = matrix_shape(shape)
     if mshape is None:
-        out = torch.zeros(int(torch.Size(shape).numel()), device=device)
         for alpha, _, tt in terms:
             if tt.dense is not None:
                 out += alpha * dequantize(tt.dense, device=device)[:, 0]
         return out.reshape(shape)
 
     m, n = mshape
-    out = torch.zeros(m, n, device=device)
-    # group cores by basis object: one U (sum alpha C) V^T per cluster
-    cores = {}
-    for alpha, shared, tt in terms:
-        if tt.core is not None:
-            key = id(shared)
-            core = alpha * dequantize(tt.core, device=device)
-            if key in cores:
-                cores[key] = (shared, cores[key][1] + core)
-            else:
-                cores[key] = (shared, core)
-    for shared, core_sum in cores.values():
+    out = out.reshape(m, n)
+    for shared, core_sum in _sum_per_basis(terms, "core", device):
         U = dequantize(shared.U, device=device)  # (m, r_u)
         V = dequantize(shared.V, device=device)  # (n, r_v)
         out += U @ core_sum @ V.T
@@ -63,3 +55,29 @@ def rebuild_tensor(shape, terms, device="cpu"):
         B = torch.cat([dequantize(tt.B, device=device) for _, tt in lowrank], dim=1)  # (n, sum q)
         out += A @ B.T
     return out.reshape(shape)
+
+
+def _sum_per_basis(terms, part, device):
+    """[(basis, sum of alpha_t * part_t over the basis's tasks)] for tasks with that part.
+
+    Tasks are grouped by the identity of their basis object: the store hands every task of a
+    cluster the same object for one tensor.
+    """
+    sums = {}
+    for alpha, shared, tt in terms:
+        value = getattr(tt, part)
+        if value is None or shared is None:
+            continue
+        value = alpha * (dequantize(value, device=device) if part == "core" else torch.as_tensor(value, dtype=torch.float32, device=device))
+        key = id(shared)
+        sums[key] = (shared, sums[key][1] + value) if key in sums else (shared, value)
+    return list(sums.values())
+
+
+def _add_seed_terms(out, terms, device):
+    """Add ``sum alpha_t (mu + S c_t) = (sum alpha_t) mu + S (sum alpha_t c_t)`` per basis to ``out``."""
+    for shared, coef_sum in _sum_per_basis(terms, "coef", device):
+        out += dequantize(shared.S, device=device) @ coef_sum  # (numel, M) @ (M,)
+        if shared.mu is not None:
+            alpha_sum = sum(alpha for alpha, s, tt in terms if s is shared and tt.coef is not None)
+            out += alpha_sum * dequantize(shared.mu, device=device)[:, 0]

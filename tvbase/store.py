@@ -44,8 +44,9 @@ from .errors import (
     InvalidInputError,
     NotFoundError,
     StoreLockedError,
+    TvbaseError,
 )
-from .factors import ROLES_SHARED, ROLES_TASK, SharedBasis, TaskTensor, matrix_shape
+from .factors import SharedBasis, TaskTensor, matrix_shape
 from .ingest.factorize import FitParams, fit, raw_bytes
 from .ingest.quantize import QuantizedMatrix, payload_nbytes
 from .reconstruct import rebuild_tensor
@@ -54,11 +55,12 @@ from .sources import Checkpoint, check_compatible, task_vector
 FORMAT_VERSION = 1
 INDEX_COLUMNS = ("owner_kind", "owner_id", "tensor", "role", "rows", "cols", "bits", "offset", "nbytes")
 OWNER_SHARED, OWNER_TASK = 0, 1
-ROLES = ROLES_SHARED + ROLES_TASK  # role column value = position in this tuple
+# role column value = position in this tuple; append only, never reorder (on-disk format)
+ROLES = ("U", "V", "core", "A", "B", "dense", "S", "mu")
 PAYLOAD_CHUNK = 2 * 1024 * 1024  # bytes; DESIGN asks for 1-8 MiB chunks
 INDEX_CHUNK = 16384  # rows
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_NAME_RE = re.compile(r"[A-Za-z_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?")  # the expression parser's name token
 _MAX_NAME = 128
 
 icechunk.set_logs_filter("error")  # its local-storage concurrency warning is handled by our lock
@@ -74,10 +76,11 @@ def validate_task_name(name):
         raise InvalidInputError("task name is empty; use letters, digits, '_', '-' or '.'")
     if len(name) > _MAX_NAME:
         raise InvalidInputError(f"task name {name[:20]!r}... is {len(name)} characters long; the limit is {_MAX_NAME}")
-    if not _NAME_RE.fullmatch(name) or ".." in name or name[0] in ".-":
+    if not _NAME_RE.fullmatch(name) or ".." in name:
         raise InvalidInputError(
-            f"task name {name!r} is not allowed: use letters, digits, '_', '-' and '.', "
-            "starting with a letter, digit or '_', and no '..' (names must not be able to escape the store)"
+            f"task name {name!r} is not allowed: use letters, digits, '_', '-' and '.', starting with a letter "
+            "or '_', ending with a letter, digit or '_', and no '..' (so names can neither escape the store "
+            "nor be misread in an expression)"
         )
     return name
 
@@ -136,6 +139,22 @@ class _IngestSource:
         return task_vector(self.base, ckpt, name, f"task {task!r} ({ckpt.path})")
 
 
+class _CompactSource:
+    """Original task vectors where available, else rebuilds (see ``Store.compact``)."""
+
+    def __init__(self, base, originals, fallback):
+        self.originals, self.fallback = originals, fallback
+        self._ingest = _IngestSource(base, originals)
+
+    def tensor(self, task, name):
+        return (self._ingest if task in self.originals else self.fallback).tensor(task, name)
+
+    def close(self):
+        for ckpt in [self._ingest.base, *self.originals.values()]:
+            if ckpt is not None:
+                ckpt.close()
+
+
 class _StoreSource:
     """Task vectors rebuilt from a store snapshot (what ``compact`` refits)."""
 
@@ -174,6 +193,7 @@ class Store:
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise AlreadyExistsError(f"{path} already exists and is not an empty directory; choose a new store path")
         params = params or FitParams()
+        validate_params(params)
         with Checkpoint.open(base) as ckpt:
             fingerprint = ckpt.fingerprint()
         path.mkdir(parents=True, exist_ok=True)
@@ -253,12 +273,13 @@ class Store:
         key = (cluster, name)
         if key not in self._shared_cache:
             rows = self._rows.get((OWNER_SHARED, cluster, self._tensor_id[name]))
-            self._shared_cache[key] = SharedBasis(**{r: self._read_factor(rows[r]) for r in ROLES_SHARED}) if rows else None
+            self._shared_cache[key] = SharedBasis(**{r: self._read_factor(row) for r, row in rows.items()}) if rows else None
         return self._shared_cache[key]
 
     def _task_tensor(self, task, name):
-        rows = self._rows.get((OWNER_TASK, self.meta["tasks"][task]["id"], self._tensor_id[name]), {})
-        return TaskTensor(**{role: self._read_factor(row) for role, row in rows.items()})
+        tm = self.meta["tasks"][task]
+        rows = self._rows.get((OWNER_TASK, tm["id"], self._tensor_id[name]), {})
+        return TaskTensor(coef=tm.get("coefficients"), **{role: self._read_factor(row) for role, row in rows.items()})
 
     def _rebuild(self, name, coefficients, device):
         terms = []
@@ -280,8 +301,8 @@ class Store:
         for task in coefficients:
             self._task_meta(task)
         device = _device(device)
-        for name in self.meta["tensors"]:
-            yield name, self._rebuild(name, coefficients, device).to(dtype)
+        # validated above, before the first tensor is asked for: callers open outputs only then
+        return ((name, self._rebuild(name, coefficients, device).to(dtype)) for name in self.meta["tensors"])
 
     def get(self, name, device=None, dtype=torch.float32):
         """Rebuild the task vector of task ``name``: dict tensor name -> tensor (base shapes)."""
@@ -296,6 +317,7 @@ class Store:
         return [
             {"id": s.id, "time": s.written_at.isoformat(timespec="seconds"), "message": s.message, "metadata": dict(s.metadata)}
             for s in self._repo.ancestry(branch="main")
+            if "__root" not in s.metadata  # Icechunk's empty initial snapshot holds no tvbase store
         ]
 
     def ls(self):
@@ -483,6 +505,8 @@ class Store:
         for name in names:
             self._task_meta(name)
         with self._transaction(f"rm {', '.join(names)}", {"op": "rm", "tasks": names}, wait) as (root, meta):
+            for name in names:  # another writer may have changed the store since we opened it
+                self._task_meta(name)
             ids = {meta["tasks"][n]["id"] for n in names}
             for n in names:
                 del meta["tasks"][n]
@@ -500,8 +524,10 @@ class Store:
     def compact(self, params=None, device=None, progress=True, wait=0.0):
         """Refit clusters and shared factors over every task in the store, as one commit.
 
-        Task vectors are rebuilt from the current version (the originals are not kept), so
-        compaction re-compresses what is stored; the payload is rewritten without dead bytes.
+        Each task is refitted from its original fine-tuned checkpoint when that file is still at
+        its recorded path with its recorded content hash (and the base too); otherwise from its
+        rebuild out of the current version, whose relative error is then recorded as the
+        upper bound old error + refit error. The payload is rewritten without dead bytes.
         """
         if not self.meta["tasks"]:
             raise InvalidInputError(f"store {self.path} has no tasks to compact")
@@ -509,14 +535,23 @@ class Store:
         validate_params(params)
         device = _device(device)
         tasks = self.tasks
-        result = fit(_StoreSource(self, device), tasks, self.shapes, params, True, device, progress)
+        source = self._compact_source(tasks, device)
+        try:
+            result = fit(source, tasks, self.shapes, params, True, device, progress)
+        finally:
+            source.close()
         old = {t: dict(self.meta["tasks"][t]) for t in tasks}
+        for t in tasks:
+            if t not in source.originals:
+                result.rel_error[t] += old[t]["rel_error"]
         with self._transaction("compact", {"op": "compact", "tasks": tasks}, wait) as (root, meta):
             if sorted(meta["tasks"]) != tasks:
                 raise StoreLockedError("the store changed while compacting; run compact again")
             meta["tasks"], meta["clusters"] = {}, {}
             sources = {t: old[t]["source"] for t in tasks}
             _write_fit(root, meta, result, self.shapes, params, sources, append=False, previous=old)
+            for t in tasks:
+                meta["tasks"][t]["refit_from"] = "original" if t in source.originals else "stored"
             meta["params"] = params.to_dict()
         return self.version
 
@@ -536,6 +571,25 @@ class Store:
             self._repo.garbage_collect(delete_object_older_than=cutoff)
         self._load(self._repo.lookup_branch("main"))
         return len(expired)
+
+    def _compact_source(self, tasks, device):
+        """Originals that are still on disk unchanged, the stored rebuild for the rest."""
+        originals, base = {}, None
+        try:
+            base = self._open_base(None)
+        except TvbaseError:
+            pass  # base moved or changed: refit every task from its rebuild
+        for task in tasks if base is not None else []:
+            src = self.meta["tasks"][task]["source"]
+            try:
+                ckpt = Checkpoint.open(src["path"])
+            except TvbaseError:
+                continue
+            if ckpt.fingerprint()["hash"] == src["hash"]:
+                originals[task] = ckpt
+            else:
+                ckpt.close()
+        return _CompactSource(base, originals, _StoreSource(self, device))
 
     def _open_base(self, base):
         path = base or self.meta["base"]["path"]
@@ -583,6 +637,8 @@ def _device(device):
         device = torch.device(device)
     except RuntimeError as e:
         raise InvalidInputError(f"unknown device {device!r}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"device {str(device)!r} is not supported; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
     return device
@@ -601,7 +657,7 @@ def _resolve_version(repo, at):
         return repo.lookup_branch("main")
     if at in repo.list_tags():
         return repo.lookup_tag(at)
-    ids = [s.id for s in repo.ancestry(branch="main")]
+    ids = [s.id for s in repo.ancestry(branch="main") if "__root" not in s.metadata]
     matches = [i for i in ids if i.startswith(at.upper())] if at else []
     if len(matches) == 1:
         return matches[0]
@@ -654,8 +710,8 @@ def _write_fit(root, meta, result, shapes, params, sources, append, previous=Non
         cid = cluster_ids[c] = meta["next_cluster_id"]
         meta["next_cluster_id"] += 1
         for name, basis in result.clusters[c].items():
-            add(OWNER_SHARED, cid, name, "U", basis.U)
-            add(OWNER_SHARED, cid, name, "V", basis.V)
+            for role, q in basis.parts():
+                add(OWNER_SHARED, cid, name, role, q)
         meta["clusters"][str(cid)] = {"tasks": [t for t, lab in result.labels.items() if lab == c]}
     for task, tensors in result.tasks.items():
         tid = meta["next_task_id"]
