@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import InvalidInputError, TvbaseError, exit_code
+from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, exit_code
 from .ingest.factorize import FitParams
 from .ingest.quantize import parse_bits
 
@@ -48,7 +48,7 @@ def parse_items(pairs, list_file):
         if not sep or not location:
             raise InvalidInputError(f"{entry!r} is not NAME=PATH (for example math=ckpts/math.safetensors)")
         if name in items:
-            raise InvalidInputError(f"task name {name!r} is given twice")
+            raise AlreadyExistsError(f"task name {name!r} is given twice; each task needs its own name")
         location = Path(location)
         if relative_to is not None and not location.is_absolute():
             location = relative_to / location

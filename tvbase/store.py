@@ -246,6 +246,12 @@ class Store:
             self._rows.setdefault((int(row[0]), int(row[1]), int(row[2])), {})[ROLES[int(row[3])]] = row
         self._shared_cache = {}
 
+    def _refresh(self):
+        """Move to the latest version of main: writes always build on it."""
+        head = self._repo.lookup_branch("main")
+        if head != self.version:
+            self._load(head)
+
     # -- reading -------------------------------------------------------------------------
     @property
     def tasks(self):
@@ -440,9 +446,7 @@ class Store:
     def _transaction(self, message, metadata, wait=0.0):
         """Hold the writer lock, yield (root group, new metadata), commit once on success."""
         with _WriterLock(self.path / "writer.lock", wait=wait):
-            head = self._repo.lookup_branch("main")
-            if head != self.version:
-                self._load(head)  # another writer committed since we opened: build on the latest
+            self._refresh()  # another writer may have committed since we started
             session = self._repo.writable_session("main")
             root = zarr.open_group(session.store, mode="r+")
             meta = json.loads(json.dumps(self.meta))  # deep copy; self.meta stays the old snapshot's
@@ -466,6 +470,7 @@ class Store:
         ingests store each new task as a per-task truncated SVD until ``compact``.
         """
         items = dict(items)
+        self._refresh()
         if not items:
             raise InvalidInputError("nothing to ingest: give at least one NAME=PATH")
         for name in items:
@@ -502,6 +507,7 @@ class Store:
     def rm(self, names, wait=0.0):
         """Remove tasks (one commit). Their bytes are reclaimed by ``compact``."""
         names = list(dict.fromkeys(names))
+        self._refresh()
         for name in names:
             self._task_meta(name)
         with self._transaction(f"rm {', '.join(names)}", {"op": "rm", "tasks": names}, wait) as (root, meta):
@@ -529,6 +535,7 @@ class Store:
         rebuild out of the current version, whose relative error is then recorded as the
         upper bound old error + refit error. The payload is rewritten without dead bytes.
         """
+        self._refresh()
         if not self.meta["tasks"]:
             raise InvalidInputError(f"store {self.path} has no tasks to compact")
         params = params or FitParams.from_dict(self.meta["params"])
@@ -649,7 +656,7 @@ def _unknown(kind, name, known):
 
     hint = difflib.get_close_matches(name, known, n=1)
     listing = ", ".join(known[:10]) + (" ..." if len(known) > 10 else "") if known else "(none)"
-    return f"no {kind} {name!r} in this store" + (f"; did you mean {hint[0]!r}?" if hint else "") + f" Known: {listing}"
+    return f"no {kind} {name!r} in this store" + (f"; did you mean {hint[0]!r}?" if hint else "") + f". Known: {listing}"
 
 
 def _resolve_version(repo, at):
