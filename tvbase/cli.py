@@ -121,7 +121,13 @@ def cmd_ingest(args):
 
     items = parse_items(args.items, args.list)
     store = Store.open(args.store)
-    version = store.ingest(items, params=_fit_params(args, store), base=args.base, device=args.device, progress=not args.quiet, wait=args.wait)
+    params = _fit_params(args, store)
+    if args.method != "tvbase" and args.bits is None:
+        params.bits = params.dense_bits = 32  # the seed methods' bases are fp32 in the paper
+    version = store.ingest(
+        items, params=params, base=args.base, device=args.device, progress=not args.quiet, wait=args.wait,
+        method=args.method, n_components=args.components,
+    )
     rows = [r for r in store.ls() if r["name"] in items]
     _print(args, {"version": version, "tasks": rows}, format_table(rows, LS_COLUMNS) + f"\nversion {version}")
 
@@ -286,6 +292,11 @@ def build_parser():
     p.add_argument("items", nargs="*", metavar="NAME=PATH")
     p.add_argument("--list", metavar="FILE", help="file with one NAME=PATH per line (paths relative to the file)")
     p.add_argument("--base", help="where the base model is now, if it moved since init")
+    p.add_argument(
+        "--method", default="tvbase", choices=["tvbase", "pca", "autoencoder", "cluster-merge"],
+        help="tvbase's factorization (default) or a Task Vector Bases seed method",
+    )
+    p.add_argument("--components", type=int, metavar="M", help="seed methods: number of basis vectors (default T/2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_fit_options(p)
     device(p), writer(p), listing(p)

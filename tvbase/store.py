@@ -47,7 +47,8 @@ from .errors import (
     TvbaseError,
 )
 from .factors import SharedBasis, TaskTensor, matrix_shape
-from .ingest.factorize import FitParams, fit, raw_bytes
+from .ingest.factorize import FitParams, fit, fit_seed, raw_bytes
+from .ingest.seed import SEED_METHODS
 from .ingest.quantize import QuantizedMatrix, payload_nbytes
 from .reconstruct import rebuild_tensor
 from .sources import Checkpoint, check_compatible, task_vector
@@ -432,8 +433,10 @@ class Store:
     def _check_factor_shape(self, name, role, rows, cols):
         mshape = matrix_shape(self.shapes[name])
         numel = int(torch.Size(self.shapes[name]).numel())
-        if role == "dense":
-            return [] if (rows, cols) == (numel, 1) else [f"dense factor has shape {(rows, cols)}, expected {(numel, 1)}"]
+        if role in ("dense", "mu"):
+            return [] if (rows, cols) == (numel, 1) else [f"{role} factor has shape {(rows, cols)}, expected {(numel, 1)}"]
+        if role == "S":
+            return [] if rows == numel else [f"seed basis S has {rows} rows, expected {numel}"]
         if mshape is None:
             return [f"factor {role} stored for a tensor that is stored densely"]
         expected_rows = {"U": mshape[0], "A": mshape[0], "V": mshape[1], "B": mshape[1]}.get(role)
@@ -455,7 +458,7 @@ class Store:
             snapshot = session.commit(message, metadata={**metadata, "tvbase_version": __version__})
         self._load(snapshot)
 
-    def ingest(self, items, params=None, base=None, device=None, progress=True, wait=0.0):
+    def ingest(self, items, params=None, base=None, device=None, progress=True, wait=0.0, method="tvbase", n_components=None):
         """Add fine-tuned checkpoints as tasks, in one commit.
 
         Parameters
@@ -465,9 +468,15 @@ class Store:
         base : path of the base checkpoint, default: the path recorded at ``init``.
         device : where the factorization runs (default CUDA when available).
         wait : seconds to wait for another writer's lock.
+        method : "tvbase" (default) or a Task Vector Bases seed method: "pca", "autoencoder",
+            "cluster-merge" (see ``tvbase.ingest.seed.SEED_METHODS``).
+        n_components : number of basis vectors M for a seed method (default T // 2, or the
+            eigengap's cluster count for cluster-merge).
 
-        The first ingest into an empty store fits cluster-shared bases over its tasks; later
-        ingests store each new task as a per-task truncated SVD until ``compact``.
+        With "tvbase", the first ingest into an empty store fits cluster-shared bases over its
+        tasks; later ingests store each new task as a per-task truncated SVD until ``compact``.
+        A seed method fits one basis over the tasks of this ingest, stored at fp32 unless
+        ``params`` says otherwise, as in the paper.
         """
         items = dict(items)
         self._refresh()
@@ -477,7 +486,12 @@ class Store:
             validate_task_name(name)
             if name in self.meta["tasks"]:
                 raise AlreadyExistsError(f"task {name!r} already exists in {self.path}; remove it first or choose another name")
-        params = params or FitParams.from_dict(self.meta["params"])
+        if method != "tvbase" and method not in SEED_METHODS:
+            raise InvalidInputError(f"unknown method {method!r}; choose one of: tvbase, {', '.join(SEED_METHODS)}")
+        if params is None:
+            params = FitParams.from_dict(self.meta["params"])
+            if method != "tvbase":
+                params.bits = params.dense_bits = 32
         validate_params(params)
         device = _device(device)
         base_ckpt = self._open_base(base)
@@ -487,7 +501,11 @@ class Store:
                 checkpoints[name] = ckpt = Checkpoint.open(path)
                 check_compatible(self.meta["base"]["tensors"], ckpt, f"task {name!r} ({path})")
             shared = not self.meta["tasks"]  # first fit; later tasks wait for `compact`
-            result = fit(_IngestSource(base_ckpt, checkpoints), list(items), self.shapes, params, shared, device, progress)
+            source = _IngestSource(base_ckpt, checkpoints)
+            if method == "tvbase":
+                result = fit(source, list(items), self.shapes, params, shared, device, progress)
+            else:
+                result = fit_seed(source, list(items), self.shapes, method, params, n_components, device, progress)
             hashes = {name: ckpt.fingerprint()["hash"] for name, ckpt in checkpoints.items()}
         finally:
             base_ckpt.close()
@@ -496,11 +514,11 @@ class Store:
         message = f"ingest {', '.join(items)}"
         with self._transaction(message, {"op": "ingest", "tasks": list(items)}, wait) as (root, meta):
             taken = sorted(set(items) & set(meta["tasks"]))
-            if taken or bool(meta["tasks"]) != (not shared):
+            if taken or (method == "tvbase" and bool(meta["tasks"]) != (not shared)):
                 raise AlreadyExistsError(f"another writer changed the store during this ingest ({', '.join(taken) or 'new tasks'}); run it again")
             sources = {name: {"path": str(Path(p).resolve()), "hash": hashes[name]} for name, p in items.items()}
-            _write_fit(root, meta, result, self.shapes, params, sources, append=True)
-            if shared:
+            _write_fit(root, meta, result, self.shapes, params, sources, append=True, method=method)
+            if shared and method == "tvbase":
                 meta["params"] = params.to_dict()
         return self.version
 
@@ -697,7 +715,7 @@ def _write_index(array, rows):
         array[:] = rows
 
 
-def _write_fit(root, meta, result, shapes, params, sources, append, previous=None):
+def _write_fit(root, meta, result, shapes, params, sources, append, previous=None, method="tvbase"):
     """Append (or, for compact, replace) the factors of a FitResult and record its metadata."""
     tensor_id = {name: i for i, name in enumerate(meta["tensors"])}
     payload, index_array = root["payload"], root["index"]
@@ -719,24 +737,27 @@ def _write_fit(root, meta, result, shapes, params, sources, append, previous=Non
         for name, basis in result.clusters[c].items():
             for role, q in basis.parts():
                 add(OWNER_SHARED, cid, name, role, q)
-        meta["clusters"][str(cid)] = {"tasks": [t for t, lab in result.labels.items() if lab == c]}
+        meta["clusters"][str(cid)] = {"tasks": [t for t, lab in result.labels.items() if lab == c], "method": method, **result.info}
     for task, tensors in result.tasks.items():
         tid = meta["next_task_id"]
         meta["next_task_id"] += 1
+        coefficients = None
         for name, tt in tensors.items():
+            coefficients = tt.coef if tt.coef is not None else coefficients
             for role, q in tt.parts():
                 add(OWNER_TASK, tid, name, role, q)
         label = result.labels[task]
         meta["tasks"][task] = {
             "id": tid,
             "cluster": cluster_ids.get(label) if label is not None else None,
-            "kind": "shared" if label is not None else "svd",
+            "kind": method if method != "tvbase" else ("shared" if label is not None else "svd"),
             "source": sources[task],
             "raw_bytes": raw_bytes(shapes),
             "rel_error": result.rel_error[task],
             "energy": result.energy[task],
             "added": (previous or {}).get(task, {}).get("added", _now()),
             "params": params.to_dict(),
+            **({"coefficients": list(coefficients)} if coefficients is not None else {}),
         }
     new = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
     start = offset - len(new)

@@ -82,6 +82,7 @@ class FitResult:
     tasks: dict = field(default_factory=dict)
     rel_error: dict = field(default_factory=dict)
     energy: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # method details worth keeping in the store's metadata
 
 
 def raw_bytes(shapes):
@@ -293,20 +294,58 @@ class _Fit:
         bar.close()
 
     def _measure_error(self):
-        bar = self._bar(len(self.tasks) * len(self.shapes), "measure error")
-        for t in self.tasks:
-            err = total = 0.0
-            c = self.result.labels[t]
-            for name, shape in self.shapes.items():
-                x = self.source.tensor(t, name).to(self.device, torch.float32)
-                basis = self.result.clusters.get(c, {}).get(name) if c is not None else None
-                xh = rebuild_tensor(shape, [(1.0, basis, self.result.tasks[t][name])], device=self.device)
-                err += float((x - xh).square().sum())
-                total += float(x.square().sum())
-                bar.update()
-            self.result.rel_error[t] = (err / total) ** 0.5 if total > 0 else 0.0
-            self.result.energy[t] = total
-        bar.close()
+        measure_errors(self.source, self.tasks, self.shapes, self.result, self.device, self.progress)
+
+
+def measure_errors(source, tasks, shapes, result, device, progress):
+    """Fill ``result.rel_error`` and ``result.energy``: one more pass over the task vectors."""
+    bar = tqdm(total=len(tasks) * len(shapes), desc="measure error", disable=not progress, leave=False, unit="tensor")
+    for t in tasks:
+        err = total = 0.0
+        c = result.labels[t]
+        for name, shape in shapes.items():
+            x = source.tensor(t, name).to(device, torch.float32)
+            basis = result.clusters.get(c, {}).get(name) if c is not None else None
+            xh = rebuild_tensor(shape, [(1.0, basis, result.tasks[t][name])], device=device)
+            err += float((x - xh).square().sum())
+            total += float(x.square().sum())
+            bar.update()
+        result.rel_error[t] = (err / total) ** 0.5 if total > 0 else 0.0
+        result.energy[t] = total
+    bar.close()
+
+
+def fit_seed(source, tasks, shapes, method, params, n_components=None, device="cpu", progress=True):
+    """Fit one of the Task Vector Bases seed methods; the result has the shape of :func:`fit`'s.
+
+    Every task of the batch shares one basis ``S`` (and mean ``mu`` for PCA) per tensor, stored
+    with ``params.bits``; each task keeps its coefficient vector.
+    """
+    from .seed import fit_seed_basis
+
+    seed_result = fit_seed_basis(source, tasks, shapes, method, n_components=n_components, seed=params.seed, device=device)
+    result = FitResult(labels={t: 0 for t in tasks}, clusters={0: {}})
+    result.tasks = {t: {name: TaskTensor(coef=tuple(float(c) for c in seed_result.coefficients[t])) for name in shapes} for t in tasks}
+    for name, S, mu in seed_result.iter_tensors():
+        result.clusters[0][name] = SharedBasis(
+            S=quantize(S, params.bits), mu=None if mu is None else quantize(mu.reshape(-1, 1), params.bits)
+        )
+    measure_errors(source, tasks, shapes, result, device, progress)
+    result.info = {"method": method, "n_components": seed_result.M, **_json_safe(seed_result.info)}
+    return result
+
+
+def _json_safe(info):
+    """Scalars of ``info`` as plain Python values (arrays are left out of store metadata)."""
+    out = {}
+    for key, value in info.items():
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, np.generic):
+            out[key] = value.item()
+        elif isinstance(value, np.ndarray) and value.ndim == 1 and len(value) <= 64 and key in ("labels", "eigenvalues"):
+            out[key] = value.tolist()
+    return out
 
 
 def _top_eigvecs(gram, r):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tvbase.errors import InvalidInputError
+from tvbase.errors import InvalidInputError, NotFoundError
 
 from .cluster import TaskClusterer, _check_int
 
@@ -329,7 +329,7 @@ class GramAutoencoder:
     -----
     Training runs on ``G / mean(diag(G))``: the minimizers are the same, and it keeps the
     gradients far above Adam's ``eps`` whatever the scale of the task vectors. Losses are
-    reported in the units of ``G``. Float64 on the CPU: the problem is ``T x T``.
+    reported in the units of ``G``. Float64 numpy on the CPU: the problem is ``T x T``.
     """
 
     def __init__(
@@ -385,13 +385,10 @@ class GramAutoencoder:
         values, _ = _eigh_desc(g)
         scale = float(np.trace(g)) / n_tasks  # mean squared norm of a task vector
         gen = torch.Generator().manual_seed(seed)
-        logits = torch.randn(n_tasks, m, generator=gen, dtype=torch.float64)  # A (T, M)
-        decoder = torch.zeros(m, n_tasks, dtype=torch.float64)  # W (M, T)
+        logits = torch.randn(n_tasks, m, generator=gen, dtype=torch.float64).numpy()  # A (T, M)
+        decoder = np.zeros((m, n_tasks))  # W (M, T)
         if scale > 0:
-            logits, decoder = _train_autoencoder(
-                torch.from_numpy(g / scale), logits, decoder, tau, lr, steps, weight_decay
-            )
-        logits, decoder = logits.numpy(), decoder.numpy()
+            logits, decoder = _train_autoencoder(g / scale, logits, decoder, tau, lr, steps, weight_decay)
         mixing = _softmax_columns(logits / tau)  # B (T, M)
 
         factor = _gram_factor(g)  # (T, T), G = L L^T: loss = ||L^T (B W - I)||^2 / T^2
@@ -432,21 +429,39 @@ def _ae_loss(factor: np.ndarray, mixing: np.ndarray, decoder: np.ndarray) -> flo
 
 
 def _train_autoencoder(g, logits, decoder, tau, lr, steps, weight_decay):
-    """Adam on ``A`` and ``W`` (float64, CPU); returns the trained copies, detached."""
+    """Adam on ``A`` (T, M) and ``W`` (M, T) for the Gram loss; returns the trained copies.
+
+    Hand-written gradients and Adam in float64 numpy: the matrices are ``T x T``, so torch's
+    per-op and threading overhead would dominate (about 20x slower, and erratic on a busy
+    machine). Same update as ``torch.optim.Adam`` (betas 0.9, 0.999, eps 1e-8, L2 weight decay
+    added to the gradient); ``tests/test_seed.py`` checks it against autograd and torch's Adam.
+
+    Gradients, with ``E = B W - I`` and ``D = 2 G E / T^2`` (= dloss/dE, G symmetric)::
+
+        dW = B^T D        dB = D W^T        dA[:, k] = B[:, k] * (dB[:, k] - <B[:, k], dB[:, k]>) / tau
+    """
     n_tasks = g.shape[0]
-    eye = torch.eye(n_tasks, dtype=torch.float64)
-    logits = logits.clone().requires_grad_(True)
-    decoder = decoder.clone().requires_grad_(True)
-    opt = torch.optim.Adam([logits, decoder], lr=lr, weight_decay=weight_decay)
-    with torch.enable_grad():
-        for _ in range(steps):
-            mixing = torch.softmax(logits / tau, dim=0)  # (T, M), columns convex
-            err = mixing @ decoder - eye  # (T, T)
-            loss = (err * (g @ err)).sum() / n_tasks**2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return logits.detach(), decoder.detach()
+    eye = np.eye(n_tasks)
+    params = [logits.copy(), decoder.copy()]
+    moments = [np.zeros_like(p) for p in params]
+    squares = [np.zeros_like(p) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, steps + 1):
+        a, w = params
+        b = _softmax_columns(a / tau)  # (T, M), columns convex
+        d = (2.0 / n_tasks**2) * (g @ (b @ w - eye))  # (T, T)
+        grad_b = d @ w.T  # (T, M)
+        grad_a = b * (grad_b - (b * grad_b).sum(axis=0, keepdims=True)) / tau  # softmax backward
+        grads = [grad_a, b.T @ d]
+        for p, grad, m, v in zip(params, grads, moments, squares):
+            grad = grad + weight_decay * p
+            m *= beta1
+            m += (1 - beta1) * grad
+            v *= beta2
+            v += (1 - beta2) * grad * grad
+            step_size = lr / (1 - beta1**step)
+            p -= step_size * m / (np.sqrt(v / (1 - beta2**step)) + eps)
+    return params
 
 
 class ClusterMerge:
@@ -542,7 +557,10 @@ class ClusterMerge:
             n_clusters=n_clusters, max_clusters=self.max_clusters, seed=self.seed
         ).fit(_gram_factor(g))
         labels = self.clusterer_.labels_  # (T,)
-        m = self.clusterer_.n_clusters_
+        if n_clusters == n_tasks:
+            # TaskClusterer puts T <= 2 tasks in one cluster; an explicit M = T means one each.
+            labels = np.arange(n_tasks, dtype=np.int64)
+        m = int(labels.max()) + 1
         one_hot = np.zeros((n_tasks, m))
         one_hot[np.arange(n_tasks), labels] = 1.0  # (T, M)
 
@@ -590,9 +608,10 @@ class _TiesAccumulator:
     """
 
     def __init__(self, numel: int, density: float, device, dtype=torch.float64):
-        zeros = lambda: torch.zeros(numel, dtype=dtype, device=device)  # noqa: E731
         self.density = density
-        self.pos_sum, self.neg_sum, self.pos_count, self.neg_count = zeros(), zeros(), zeros(), zeros()
+        self.pos_sum, self.neg_sum, self.pos_count, self.neg_count = (
+            torch.zeros(numel, dtype=dtype, device=device) for _ in range(4)
+        )
 
     def add(self, x: torch.Tensor) -> None:
         trimmed = _trim(x, self.density)  # (numel,)
@@ -636,7 +655,9 @@ def ties_merge(tensors, density: float = 0.2) -> torch.Tensor:
             shape = x.shape
             acc = _TiesAccumulator(x.numel(), density, x.device)
         elif x.shape != shape:
-            raise InvalidInputError(f"ties_merge: tensors must share one shape, got {tuple(shape)} and {tuple(x.shape)}")
+            raise InvalidInputError(
+                f"ties_merge: tensors must share one shape, got {tuple(shape)} and {tuple(x.shape)}"
+            )
         acc.add(x.detach().reshape(-1).to(torch.float64))
     if acc is None:
         raise InvalidInputError("ties_merge: needs at least one tensor, got none")
@@ -689,6 +710,11 @@ class SeedBasisResult:
     _device: str = field(default="cpu", repr=False, compare=False)
     _cache: tuple = field(default=(None, None, None), repr=False, compare=False)
 
+    @property
+    def shapes(self) -> dict:
+        """Tensor name -> shape of the fitted tensors, in iteration order (a copy)."""
+        return dict(self._shapes)
+
     def iter_tensors(self):
         """Yield ``(name, S, mu)`` for every tensor, in the order of ``shapes``.
 
@@ -717,7 +743,7 @@ class SeedBasisResult:
         if self._cache[0] == name:  # basis(name) then mean(name) read the data once
             return self._cache[1], self._cache[2]
         if name not in self._shapes:
-            raise InvalidInputError(
+            raise NotFoundError(
                 f"unknown tensor {name!r}; the fit covered {len(self._shapes)} tensors, "
                 f"e.g. {list(self._shapes)[:5]}"
             )
