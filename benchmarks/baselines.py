@@ -1,127 +1,69 @@
-"""Published task-vector compressors that tvbase is measured against, and coefficient selection.
+"""Published task-vector compressors that tvbase is measured against.
 
 Every compressor follows one small interface, in the scikit-learn manner:
 
 - ``__init__`` stores parameters only;
-- ``fit(task_vectors)`` builds the compressed representation, kept as packed numpy arrays in
-  ``packed_`` (what one would write to disk: codes, bit masks, scales, factors), so that
-  ``nbytes_`` — the sum of their ``nbytes`` — is the real size of the representation, bits
-  counted as whole bytes, scales and masks included (tensor names and shapes are known from the
-  base and not counted);
-- ``rebuild(task)`` decodes one task vector from ``packed_`` only;
+- ``fit(...)`` builds the compressed representation;
+- ``nbytes_`` is the real size of the representation;
+- ``rebuild(task)`` decodes one task vector;
 - ``compose(coefficients)`` returns ``sum_t alpha_t * rebuild(t)``.
 
-``task_vectors`` is always ``{task name: {tensor name: torch.Tensor}}`` (float32, CPU, the
-base's shapes; ``tau = theta_finetuned - theta_base``). Every compressor is deterministic for its
-``seed``. The implementations follow the papers cited in each docstring; none is copied.
+Two kinds implement it:
 
-The two coefficient rules of task arithmetic, :func:`choose_addition_alpha` and
-:func:`choose_negation_alpha`, are here too so that they can move into the library later.
+- Element-wise and per-task codecs (fp32, fp16, int8, BitDelta, TSV-C, TALL masks) are written
+  here, since the library has no such codec: ``fit(task_vectors)`` keeps packed numpy arrays in
+  ``packed_`` (what one would write to disk: codes, bit masks, scales, factors), ``nbytes_`` is
+  the sum of their ``nbytes``, bits counted as whole bytes, scales and masks included (tensor
+  names and shapes are known from the base and not counted), and ``rebuild`` decodes from
+  ``packed_`` only. ``task_vectors`` is ``{task name: {tensor name: torch.Tensor}}`` (float32,
+  CPU, the base's shapes; ``tau = theta_finetuned - theta_base``).
+- Methods the library implements run through a real tvbase store (:class:`StoreMethod`):
+  ``fit(base_path, task_paths)`` creates a store in a temporary directory and ingests the
+  checkpoint files, ``rebuild`` is ``store.get``. The seed bases of Task Vector Bases
+  (:class:`SeedPCA`, :class:`SeedAutoencoder`, :class:`SeedClusterMean`) are exactly what
+  ``tvbase ingest --method pca|autoencoder|cluster-merge --components M`` stores
+  (:mod:`tvbase.ingest.seed`); nothing of them is re-implemented here. ``nbytes_`` is the store
+  directory on disk, ``payload_bytes_`` its factor bytes plus the coefficients kept in its
+  metadata.
+
+Every compressor is deterministic for its ``seed``. The implementations follow the papers cited
+in each docstring; none is copied. The coefficient rules of task arithmetic live in
+:mod:`tvbase.coefficients`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping, Sequence
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from tvbase import FitParams, Store
 from tvbase.factors import matrix_shape
-from tvbase.ingest.cluster import TaskClusterer
+from tvbase.ingest.seed import ties_merge
 
 __all__ = [
     "BASELINES",
     "BitDelta",
-    "ClusterMean",
     "Compressor",
-    "CenteredPCA",
     "Fp16",
     "Fp32",
-    "GramAutoencoder",
     "Int8",
+    "SeedAutoencoder",
+    "SeedBasis",
+    "SeedClusterMean",
+    "SeedPCA",
+    "StoreMethod",
     "TallMasks",
     "TsvCompress",
-    "choose_addition_alpha",
-    "choose_negation_alpha",
     "make_baseline",
 ]
 
 TaskVectors = Mapping[str, Mapping[str, torch.Tensor]]
-
-#: The addition coefficient grid of Task Vector Bases (Zeng et al., 2025): linspace(0, 1, 21).
-ALPHA_GRID = tuple(float(a) for a in np.linspace(0.0, 1.0, 21))
-
-
-# --------------------------------------------------------------------------------------------
-# Coefficient selection (task arithmetic)
-# --------------------------------------------------------------------------------------------
-
-
-def choose_addition_alpha(evaluate_fn: Callable[[float], float], grid: Iterable[float] = ALPHA_GRID):
-    """Coefficient of task addition ``theta_0 + alpha * sum_t tau_t``, chosen on validation data.
-
-    Task arithmetic (Ilharco et al., 2023, "Editing Models with Task Arithmetic", ICLR) and Task
-    Vector Bases (Zeng et al., 2025) pick the one ``alpha`` of a grid that maximizes the mean
-    normalized validation accuracy over the added tasks.
-
-    Parameters
-    ----------
-    evaluate_fn : callable float -> float
-        Score of a coefficient, higher is better (mean normalized validation accuracy).
-    grid : iterable of float
-        Candidate coefficients, tried in order; ties go to the earlier one (the smaller alpha).
-
-    Returns
-    -------
-    alpha : float
-        The chosen coefficient.
-    scores : list of (float, float)
-        ``(alpha, score)`` for every candidate, in grid order.
-    """
-    scores = [(float(a), float(evaluate_fn(float(a)))) for a in grid]
-    if not scores:
-        raise ValueError("the coefficient grid is empty; give at least one alpha")
-    best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))  # first maximum
-    return scores[best][0], scores
-
-
-def choose_negation_alpha(
-    evaluate_fn: Callable[[float], tuple[float, float]],
-    grid: Iterable[float] = ALPHA_GRID,
-    control_floor: float = 0.0,
-):
-    """Coefficient of task negation ``theta_0 - alpha * tau_target``, chosen on validation data.
-
-    The rule of task arithmetic's forgetting experiments (Ilharco et al., 2023, ICLR), as used by
-    Task Vector Bases (Zeng et al., 2025): the largest drop of target accuracy among the
-    coefficients that keep control accuracy at or above a floor (95% of the base's control
-    accuracy).
-
-    Parameters
-    ----------
-    evaluate_fn : callable float -> (float, float)
-        ``(target accuracy, control accuracy)`` of a coefficient, on validation data.
-    grid : iterable of float
-        Candidate coefficients, tried in order; ties go to the earlier one (the smaller alpha).
-    control_floor : float
-        Smallest admissible control accuracy, e.g. ``0.95 * base control accuracy``.
-
-    Returns
-    -------
-    alpha : float
-        The chosen coefficient; 0.0 when no candidate keeps the control accuracy.
-    rows : list of (float, float, float)
-        ``(alpha, target accuracy, control accuracy)`` for every candidate, in grid order.
-    """
-    rows = [(float(a), *map(float, evaluate_fn(float(a)))) for a in grid]
-    if not rows:
-        raise ValueError("the coefficient grid is empty; give at least one alpha")
-    admissible = [i for i, (_, _, control) in enumerate(rows) if control >= control_floor]
-    if not admissible:
-        return 0.0, rows
-    best = min(admissible, key=lambda i: (rows[i][1], i))  # lowest target accuracy, first one
-    return rows[best][0], rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,23 +79,6 @@ def _shapes(task_vectors: TaskVectors) -> dict[str, tuple[int, ...]]:
 
 def _numpy32(x: torch.Tensor) -> np.ndarray:
     return x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-
-
-def _flatten(task_vectors: TaskVectors, tasks: Sequence[str], names: Sequence[str]) -> torch.Tensor:
-    """All task vectors as one float64 matrix of shape (T, N), tensors concatenated in ``names`` order."""
-    return torch.stack(
-        [torch.cat([task_vectors[t][n].reshape(-1).double() for n in names]) for t in tasks]
-    )  # (T, N)
-
-
-def _unflatten(vector: torch.Tensor, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Split a flat (N,) vector back into tensors of ``shapes`` (float32)."""
-    out, start = {}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        out[name] = vector[start : start + n].to(torch.float32).reshape(shape).clone()
-        start += n
-    return out
 
 
 def _pack_bits(mask: torch.Tensor) -> np.ndarray:
@@ -173,6 +98,8 @@ class Compressor:
     family = ""
     #: Paper the method comes from.
     reference = ""
+    #: How the representation is built and counted: "packed arrays" (written here) or "store".
+    via = "packed arrays"
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
@@ -438,10 +365,11 @@ class TallMasks(Compressor):
         Higher is better; ties go to the earlier lambda. None uses the middle candidate.
     merge : {"sum", "ties"}
         ``tau_MTL``: the task-arithmetic sum, or TIES-merging (Yadav et al., 2023, "TIES-Merging:
-        Resolving Interference When Merging Models", NeurIPS) with ``ties_density``.
+        Resolving Interference When Merging Models", NeurIPS) with ``ties_density``, computed by
+        :func:`tvbase.ingest.seed.ties_merge` (trim per tensor, as in mergekit).
     ties_density : float
-        Fraction of the largest-magnitude entries each task keeps before the TIES sign election
-        (0.2 in the TIES paper).
+        Fraction of the largest-magnitude entries of each tensor each task keeps before the TIES
+        sign election (0.2 in the TIES paper).
     """
 
     family = "TALL masks"
@@ -474,8 +402,11 @@ class TallMasks(Compressor):
         self._start(task_vectors)
         if self.merge == "sum":
             merged = {n: sum(task_vectors[t][n] for t in self.tasks_) for n in self.shapes_}  # tau_MTL
-        else:
-            merged = _ties_merge(task_vectors, self.tasks_, self.shapes_, self.ties_density)
+        else:  # the library's TIES merge (tvbase.ingest.seed), tensor by tensor
+            merged = {
+                n: ties_merge((task_vectors[t][n] for t in self.tasks_), self.ties_density).to(torch.float32)
+                for n in self.shapes_
+            }
         for name, x in merged.items():
             self.packed_["merged", name] = _numpy32(x)
         self.lambdas_ = {}
@@ -502,217 +433,240 @@ class TallMasks(Compressor):
         return self._apply({n: _unpack_bits(self.packed_[task, n, "mask"], s) for n, s in self.shapes_.items()})
 
 
-def _ties_merge(task_vectors, tasks, shapes, density):
-    """TIES-merging (Yadav et al., 2023, NeurIPS): trim, elect sign, disjoint mean; {name: tensor}.
-
-    Each task keeps its ``density`` fraction of largest-magnitude entries over the whole vector;
-    each entry's sign is the sign of the sum of the trimmed values; the merged entry is the mean
-    of the trimmed values that agree with that sign (0 where none do).
-    """
-    flat = _flatten(task_vectors, tasks, list(shapes)).float()  # (T, N)
-    k = max(1, int(round(density * flat.shape[1])))
-    threshold = flat.abs().kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values  # (T, 1)
-    trimmed = torch.where(flat.abs() >= threshold, flat, torch.zeros_like(flat))  # (T, N)
-    sign = torch.sign(trimmed.sum(dim=0))  # (N,)
-    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)  # (T, N)
-    merged = (trimmed * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)  # (N,)
-    return _unflatten(merged, shapes)
-
-
 # --------------------------------------------------------------------------------------------
-# Global bases (Task Vector Bases)
+# Methods of the library, through a real store
 # --------------------------------------------------------------------------------------------
 
 
-class CenteredPCA(Compressor):
-    """Centered PCA of the flattened task vectors: ``tau_t ~ mu + S c_t`` with M components.
+class StoreMethod(Compressor):
+    """A method run through a real tvbase store: ``Store.create``, ``ingest`` of the checkpoints, ``get``.
 
-    Task Vector Bases (Zeng et al., 2025, "Efficient Model Editing with Task Vector Bases: A
-    Theoretical Framework and Scalable Approach"), PCA basis. Computed from the T x T Gram matrix
-    of the centered vectors, so it costs O(T^2 N). Stored in float32: the mean (N,), M basis
-    vectors (M, N) and the coefficients (T, M).
+    ``fit(base_path, task_paths)`` builds the store in a temporary directory, removed by
+    :meth:`close` (or on leaving a ``with`` block). Subclasses say how: :meth:`fit_params` (the
+    store's :class:`~tvbase.FitParams`) and :meth:`ingest_kwargs` (``method``, ``n_components``).
 
-    Parameters
-    ----------
-    n_components : int
-        M, the number of basis vectors (at most T - 1 carry information).
+    Attributes (after ``fit``)
+    --------------------------
+    store_ : tvbase.Store
+    nbytes_ : int
+        The store directory on disk (``info()["disk_bytes"]``: payload, index, metadata and
+        Icechunk history).
+    factor_bytes_ : int
+        Stored factors (``info()["factor_bytes"]``).
+    coefficient_bytes_ : int
+        Seed-basis coefficients, which the store keeps in its metadata: 4 bytes (fp32) per
+        coefficient, ``4 * M`` per task; 0 for tvbase's own fit.
+    payload_bytes_ : int
+        ``factor_bytes_ + coefficient_bytes_``.
+    raw_bytes_ : int
+        Raw fp32 bytes of the ingested task vectors (``info()["raw_fp32_bytes"]``).
     """
 
-    family = "PCA"
-    reference = "Zeng et al., 2025, Efficient Model Editing with Task Vector Bases (centered PCA basis)"
+    via = "store"
 
-    def __init__(self, n_components: int = 2):
-        self.n_components = n_components
+    def __init__(self, device: str = "cpu", seed: int = 0):
+        self.device = device
+        self.seed = seed
+        self._dir = None
+
+    def fit_params(self) -> FitParams:
+        """The parameters the store is created with."""
+        raise NotImplementedError
+
+    def ingest_kwargs(self) -> dict:
+        """Keyword arguments of ``Store.ingest`` besides the checkpoints."""
+        return {}
 
     def params(self):
-        return {"n_components": self.n_components}
+        return self.fit_params().to_dict()
 
     @property
-    def label(self):
-        return f"PCA M={self.n_components}"
+    def nbytes_(self) -> int:
+        return self.disk_bytes_
 
-    def fit(self, task_vectors):
-        self._start(task_vectors)
-        x = _flatten(task_vectors, self.tasks_, list(self.shapes_))  # (T, N)
-        mean = x.mean(dim=0)  # (N,)
-        xc = x - mean  # (T, N)
-        evals, evecs = torch.linalg.eigh(xc @ xc.T)  # ascending, (T,), (T, T)
-        m = self.n_components
-        evals, evecs = evals.flip(0)[:m].clamp(min=0), evecs.flip(1)[:, :m]  # (M,), (T, M)
-        evecs = evecs * torch.sign(evecs[evecs.abs().argmax(0), torch.arange(m)])  # sign-fixed
-        sigma = evals.sqrt()  # singular values of xc
-        safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-        basis = (xc.T @ evecs / safe).T  # (M, N), orthonormal rows
-        coeffs = evecs * sigma  # (T, M) = xc @ basis.T
-        self.packed_["mean"] = _numpy32(mean)
-        self.packed_["basis"] = _numpy32(basis)
-        self.packed_["coeffs"] = _numpy32(coeffs)
+    def fit(self, base_path, task_paths) -> "StoreMethod":
+        """Create a store for ``base_path`` and ingest ``task_paths`` ({task: checkpoint path})."""
+        self.close()
+        self._dir = Path(tempfile.mkdtemp(prefix="tvbase-bench-"))
+        try:
+            self.store_ = Store.create(self._dir / "store", base_path, params=self.fit_params(), progress=False)
+            self.store_.ingest(dict(task_paths), device=self.device, progress=False, **self.ingest_kwargs())
+        except BaseException:
+            self.close()
+            raise
+        info = self.store_.info()
+        self.tasks_ = list(task_paths)
+        self.disk_bytes_ = int(info["disk_bytes"])
+        self.factor_bytes_ = int(info["factor_bytes"])
+        tasks = self.store_.meta["tasks"].values()
+        self.coefficient_bytes_ = 4 * sum(len(tm.get("coefficients") or ()) for tm in tasks)  # fp32, in metadata
+        self.payload_bytes_ = self.factor_bytes_ + self.coefficient_bytes_
+        self.raw_bytes_ = int(info["raw_fp32_bytes"])
+        self.n_clusters_ = int(info["clusters"])
         return self
 
     def rebuild(self, task):
         self._check_task(task)
-        c = torch.from_numpy(self.packed_["coeffs"][self.tasks_.index(task)])  # (M,)
-        flat = torch.from_numpy(self.packed_["mean"]) + c @ torch.from_numpy(self.packed_["basis"])  # (N,)
-        return _unflatten(flat, self.shapes_)
+        return self.store_.get(task, device=self.device)
+
+    def compose(self, coefficients):
+        return self.store_.compose(dict(coefficients), device=self.device)
+
+    def close(self) -> None:
+        """Remove the temporary store directory."""
+        if getattr(self, "_dir", None) is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
-class GramAutoencoder(Compressor):
-    """Task Vector Bases' autoencoder on the Gram matrix: basis ``S = V B``, decoder ``W``.
+class SeedBasis(StoreMethod):
+    """A seed basis of Task Vector Bases as ``tvbase ingest --method METHOD --components M`` stores it.
 
-    Zeng et al., 2025 (Task Vector Bases): with ``V`` (N, T) the task vectors as columns and
-    ``G = V^T V``, learn ``A`` (T, M) and ``W`` (M, T) minimizing
-    ``tr((B W - I)^T G (B W - I)) / T^2``, ``B = softmax(A / tau)`` over the task axis (each basis
-    vector is a convex combination of tasks), with Adam. Only the T x T Gram matrix enters the
-    optimization, so it is cheap for any N. Then ``S = V B`` (N, M) and ``tau_hat_t = S W[:, t]``.
-    Stored in float32: ``S`` (M, N) and ``W`` (M, T).
-
-    The loss is optimized on ``G`` divided by its mean diagonal (same minimizer, better
-    conditioned steps); ``loss_`` is reported in the original units next to ``loss_bound_``,
-    ``sum_{i>M} lambda_i(G) / T^2``, which no M-vector basis can beat.
+    Zeng et al., 2025, "Efficient Model Editing with Task Vector Bases: A Theoretical Framework
+    and Scalable Approach": ``tau_hat_t = mu + S c_t`` with ``M`` shared basis vectors ``S`` per
+    tensor (a mean ``mu`` for PCA only) and one coefficient vector ``c_t`` per task, fitted by
+    :func:`tvbase.ingest.seed.fit_seed_basis` from the T x T Gram of the task vectors. The store
+    keeps ``S`` and ``mu`` in fp32 (``FitParams(bits=32, dense_bits=32)``, as in the paper) and
+    ``c_t`` in its metadata (counted as fp32).
 
     Parameters
     ----------
-    n_bases : int
-        M (the paper uses T / 2).
-    temperature : float
-        tau of the softmax (5 in the paper).
-    steps : int
-        Adam steps (6000 in the paper).
-    lr : float
-        Adam learning rate (0.01 in the paper).
+    n_components : int or None
+        ``M``; None for the library's default (``T // 2``, or the eigengap for cluster merge).
     seed : int
-        Seed of the initialization: ``A ~ N(0, 1)``, ``W ~ N(0, 1 / M)``.
+        Seed of the autoencoder's initialization and of the clustering.
+    device : str
+        Where ingest and rebuild run.
+
+    Attributes (after ``fit``)
+    --------------------------
+    n_components_ : int
+        ``M`` as fitted.
+    fit_info_ : dict
+        The store's record of the fit (``store.meta["clusters"]``): method, n_components and the
+        estimator's scalar diagnostics.
+    """
+
+    #: ``Store.ingest`` method name.
+    method = ""
+
+    def __init__(self, n_components: int | None = None, seed: int = 0, device: str = "cpu"):
+        super().__init__(device=device, seed=seed)
+        self.n_components = n_components
+
+    def fit_params(self):
+        return FitParams(bits=32, dense_bits=32, budget=0.5, seed=self.seed)
+
+    def ingest_kwargs(self):
+        return {"method": self.method, "n_components": self.n_components}
+
+    def params(self):
+        p = self.fit_params()
+        return {"method": self.method, "n_components": self.n_components, "seed": self.seed,
+                "bits": p.bits, "dense_bits": p.dense_bits}
+
+    def fit(self, base_path, task_paths):
+        super().fit(base_path, task_paths)
+        (self.fit_info_,) = self.store_.meta["clusters"].values()  # one basis over the ingest
+        self.n_components_ = int(self.fit_info_["n_components"])
+        return self
+
+    @property
+    def _m(self):
+        """M for labels: as given, else as fitted, else the library's default."""
+        if self.n_components is not None:
+            return self.n_components
+        return getattr(self, "n_components_", "T/2")
+
+
+class SeedPCA(SeedBasis):
+    """Centered PCA basis (``tvbase ingest --method pca``): mean + M principal directions."""
+
+    family = "PCA"
+    reference = "Zeng et al., 2025, Efficient Model Editing with Task Vector Bases (centered PCA basis)"
+    method = "pca"
+
+    @property
+    def label(self):
+        return f"PCA M={self._m}"
+
+
+class SeedAutoencoder(SeedBasis):
+    """The Gram autoencoder basis (``tvbase ingest --method autoencoder``), library defaults.
+
+    Softmax encoder over the tasks (temperature 5), Adam (lr 0.01, 6000 steps) on the Gram loss,
+    decoder refitted by least squares (:class:`tvbase.ingest.seed.GramAutoencoder`).
+
+    Attributes (after ``fit``)
+    --------------------------
+    loss_ : float
+        ``tr((BW - I)^T G (BW - I)) / T^2`` of the fitted basis and decoder.
+    loss_bound_ : float
+        ``sum_{i>M} lambda_i(G) / T^2``, which no M-vector basis can beat.
+    energy_ : float or None
+        ``trace(G) / T^2``, the loss of ``W = 0`` (None when the store did not record the
+        eigenvalues, i.e. T > 64).
     """
 
     family = "Gram AE"
     reference = "Zeng et al., 2025, Efficient Model Editing with Task Vector Bases (autoencoder basis)"
-
-    def __init__(self, n_bases: int = 2, temperature: float = 5.0, steps: int = 6000, lr: float = 0.01, seed: int = 0):
-        self.n_bases = n_bases
-        self.temperature = temperature
-        self.steps = steps
-        self.lr = lr
-        self.seed = seed
-
-    def params(self):
-        return {"n_bases": self.n_bases, "temperature": self.temperature, "steps": self.steps, "lr": self.lr, "seed": self.seed}
+    method = "autoencoder"
 
     @property
     def label(self):
-        return f"Gram AE M={self.n_bases}"
+        return f"Gram AE M={self._m}"
 
-    def fit(self, task_vectors):
-        self._start(task_vectors)
-        v = _flatten(task_vectors, self.tasks_, list(self.shapes_))  # (T, N): V transposed
-        n_tasks, m = v.shape[0], self.n_bases
-        gram = v @ v.T  # (T, T) = V^T V
-        unit = float(gram.diagonal().mean()) or 1.0
-        g = gram / unit
-        gen = torch.Generator().manual_seed(self.seed)
-        a = torch.randn(n_tasks, m, generator=gen, dtype=torch.float64).requires_grad_()
-        w = (torch.randn(m, n_tasks, generator=gen, dtype=torch.float64) / math.sqrt(m)).requires_grad_()
-        eye = torch.eye(n_tasks, dtype=torch.float64)
-        optimizer = torch.optim.Adam([a, w], lr=self.lr)
-
-        def loss_fn():
-            r = torch.softmax(a / self.temperature, dim=0) @ w - eye  # (T, T)
-            return torch.trace(r.T @ g @ r) / n_tasks**2
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # T x T problems: threads only add overhead (much of it on a busy machine)
-        try:
-            for _ in range(self.steps):
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn()
-                loss.backward()
-                optimizer.step()
-        finally:
-            torch.set_num_threads(threads)
-        with torch.no_grad():
-            self.loss_ = float(loss_fn()) * unit
-            evals = torch.linalg.eigvalsh(gram).flip(0)  # descending
-            self.loss_bound_ = float(evals[m:].clamp(min=0).sum()) / n_tasks**2
-            self.energy_ = float(gram.trace()) / n_tasks**2  # the loss of W = 0
-            mix = torch.softmax(a / self.temperature, dim=0)  # (T, M), columns sum to 1
-            basis = mix.T @ v  # (M, N) = (V B)^T
-        self.packed_["basis"] = _numpy32(basis)
-        self.packed_["decoder"] = _numpy32(w.detach())
+    def fit(self, base_path, task_paths):
+        super().fit(base_path, task_paths)
+        n_tasks = len(self.tasks_)
+        self.loss_ = float(self.fit_info_["loss"])
+        self.loss_bound_ = float(self.fit_info_["lower_bound"])
+        eigenvalues = self.fit_info_.get("eigenvalues")
+        self.energy_ = float(sum(eigenvalues)) / n_tasks**2 if eigenvalues is not None else None
         return self
 
-    def rebuild(self, task):
-        self._check_task(task)
-        w = torch.from_numpy(self.packed_["decoder"][:, self.tasks_.index(task)])  # (M,)
-        return _unflatten(w @ torch.from_numpy(self.packed_["basis"]), self.shapes_)
 
+class SeedClusterMean(SeedBasis):
+    """Spectral clusters + mean (``tvbase ingest --method cluster-merge``): each task is its cluster's mean.
 
-class ClusterMean(Compressor):
-    """Spectral clustering of the tasks, each task rebuilt as the mean of its cluster.
-
-    Task Vector Bases (Zeng et al., 2025), clustering basis with mean as the inner merge:
-    ``|cos|`` affinity of the flattened task vectors, spectral clustering with the number of
-    clusters from the largest eigengap (tvbase's :class:`~tvbase.ingest.cluster.TaskClusterer`,
-    fed the exact vectors rather than sketches). Stored: K cluster means in float32 (K, N) and
-    one uint8 cluster label per task.
+    ``|cos|`` affinity of the task vectors (from the Gram), spectral clustering with K by the
+    largest eigengap unless given (:class:`tvbase.ingest.seed.ClusterMerge`, merge ``"mean"``).
 
     Parameters
     ----------
     n_clusters : int or "auto"
-    seed : int
-        Seed of the k-means step of spectral clustering.
+        K, or "auto" for the eigengap.
     """
 
     family = "cluster mean"
     reference = "Zeng et al., 2025, Efficient Model Editing with Task Vector Bases (spectral clustering + mean merge)"
+    method = "cluster-merge"
 
-    def __init__(self, n_clusters: int | str = "auto", seed: int = 0):
+    def __init__(self, n_clusters: int | str = "auto", seed: int = 0, device: str = "cpu"):
+        super().__init__(n_components=None if n_clusters == "auto" else n_clusters, seed=seed, device=device)
         self.n_clusters = n_clusters
-        self.seed = seed
 
     def params(self):
-        return {"n_clusters": self.n_clusters, "seed": self.seed}
+        return {**super().params(), "n_clusters": self.n_clusters}
 
     @property
     def label(self):
-        fitted = getattr(self, "n_clusters_", None)
+        fitted = getattr(self, "n_components_", None)
         if self.n_clusters == "auto":
             return "spectral clusters + mean (K eigengap" + (f" = {fitted})" if fitted is not None else ")")
         return f"spectral clusters + mean (K = {self.n_clusters})"
 
-    def fit(self, task_vectors):
-        self._start(task_vectors)
-        x = _flatten(task_vectors, self.tasks_, list(self.shapes_))  # (T, N)
-        clusterer = TaskClusterer(n_clusters=self.n_clusters, seed=self.seed).fit(x.numpy())
-        self.labels_ = clusterer.labels_.astype(np.uint8)  # (T,)
-        self.n_clusters_ = int(clusterer.n_clusters_)
-        means = torch.stack([x[torch.from_numpy(self.labels_ == k)].mean(0) for k in range(self.n_clusters_)])  # (K, N)
-        self.packed_["means"] = _numpy32(means)
-        self.packed_["labels"] = self.labels_
+    def fit(self, base_path, task_paths):
+        super().fit(base_path, task_paths)
+        labels = self.fit_info_.get("labels")  # the store records them for T <= 64
+        self.labels_ = None if labels is None else np.asarray(labels, dtype=np.int64)  # (T,), task order
         return self
-
-    def rebuild(self, task):
-        self._check_task(task)
-        k = int(self.packed_["labels"][self.tasks_.index(task)])
-        return _unflatten(torch.from_numpy(self.packed_["means"][k]), self.shapes_)
 
 
 #: Baselines by name. :func:`make_baseline` builds one and lists these names for an unknown one.
@@ -723,9 +677,9 @@ BASELINES: dict[str, type[Compressor]] = {
     "bitdelta": BitDelta,
     "tsv-c": TsvCompress,
     "tall": TallMasks,
-    "pca": CenteredPCA,
-    "gram-ae": GramAutoencoder,
-    "cluster-mean": ClusterMean,
+    "pca": SeedPCA,
+    "gram-ae": SeedAutoencoder,
+    "cluster-mean": SeedClusterMean,
 }
 
 

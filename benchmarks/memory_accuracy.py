@@ -5,15 +5,17 @@ method — raw fp32, fp16, int8, BitDelta, TSV-C, TALL masks, the seed bases of 
 (centered PCA, Gram autoencoder, spectral clusters + mean) and tvbase at several budgets — this
 script builds the compressed representation of all task vectors and measures:
 
-- storage: bytes of the representation / raw fp32 bytes of all task vectors. Baselines count
-  their packed arrays (codes, bit masks, scales, factors; see :mod:`benchmarks.baselines`);
-  tvbase counts its whole store directory on disk (``info()["disk_bytes"]``: payload, index,
-  metadata and Icechunk history), and its factor bytes are reported too (``payload %``);
+- storage: bytes of the representation / raw fp32 bytes of all task vectors. The codecs written
+  in :mod:`benchmarks.baselines` count their packed arrays (codes, bit masks, scales, factors);
+  the methods of the library — tvbase and the seed bases, built by ``Store.ingest`` exactly as
+  ``tvbase ingest [--method pca|autoencoder|cluster-merge]`` does — count their whole store
+  directory on disk (``info()["disk_bytes"]``: payload, index, metadata and Icechunk history),
+  and their factor bytes (plus seed-basis coefficients) are reported too (``payload %``);
 - per-task normalized accuracy ``acc(base + tau_hat_t) / acc(fine-tuned t)`` on the test split,
   its mean and its worst task;
 - task addition of a group of tasks and task negation of a target task, coefficients chosen on
-  the validation split (:func:`benchmarks.baselines.choose_addition_alpha`,
-  :func:`benchmarks.baselines.choose_negation_alpha`);
+  the validation split (:func:`tvbase.coefficients.choose_addition_alpha`,
+  :func:`tvbase.coefficients.choose_negation_alpha`);
 - time to build the representation and median time to rebuild one task.
 
 Run::
@@ -36,10 +38,8 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -48,21 +48,22 @@ import numpy as np
 import torch
 
 import tvbase
-from tvbase import FitParams, Store
+from tvbase import FitParams
+from tvbase.coefficients import choose_addition_alpha, choose_negation_alpha
 from tvbase.zoo import CONTROL_TASK, Zoo, build_zoo
 
 from .baselines import (
     BitDelta,
-    CenteredPCA,
-    ClusterMean,
     Fp16,
     Fp32,
-    GramAutoencoder,
     Int8,
+    SeedAutoencoder,
+    SeedBasis,
+    SeedClusterMean,
+    SeedPCA,
+    StoreMethod,
     TallMasks,
     TsvCompress,
-    choose_addition_alpha,
-    choose_negation_alpha,
 )
 
 __all__ = ["run", "main", "TvbaseStore", "Config", "FULL", "QUICK", "format_tables", "update_results_md"]
@@ -96,8 +97,8 @@ class Config:
     """What one run measures.
 
     tasks : zoo tasks (None: all 25); zoo_epochs / zoo_pretrain_epochs : None for the zoo's
-    defaults; budgets : tvbase budgets; ae_steps : Gram autoencoder steps; grid : coefficients
-    of addition and negation; tall_lambdas, tall_merges : TALL's lambda candidates and merged
+    defaults; budgets : tvbase budgets; grid : coefficients of addition and negation (the Gram
+    autoencoder always runs with the library's defaults, as ``tvbase ingest`` does); tall_lambdas, tall_merges : TALL's lambda candidates and merged
     vectors; pca_components : None for {1, 2, T/4, T/2}; cluster_counts : None for
     {"auto", T/4, T/2}.
     """
@@ -107,7 +108,6 @@ class Config:
     zoo_epochs: int | None
     zoo_pretrain_epochs: int | None
     budgets: tuple[float, ...]
-    ae_steps: int
     grid: tuple[float, ...]
     tall_lambdas: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
     tall_merges: tuple[str, ...] = ("sum", "ties")
@@ -124,7 +124,6 @@ FULL = Config(
     zoo_epochs=None,
     zoo_pretrain_epochs=None,
     budgets=(0.01, 0.02, 0.03, 0.05, 0.10),
-    ae_steps=6000,
     grid=tuple(float(a) for a in np.linspace(0, 1, 21)),
 )
 QUICK = Config(  # one variant per method family, few coefficients: CPU seconds, for the tests
@@ -133,7 +132,6 @@ QUICK = Config(  # one variant per method family, few coefficients: CPU seconds,
     zoo_epochs=1,
     zoo_pretrain_epochs=5,
     budgets=(0.03, 0.10),
-    ae_steps=200,
     grid=(0.0, 0.4, 0.8),
     tall_lambdas=(0.2, 0.4),
     tall_merges=("ties",),
@@ -147,59 +145,37 @@ QUICK = Config(  # one variant per method family, few coefficients: CPU seconds,
 # --------------------------------------------------------------------------------------------
 
 
-class TvbaseStore:
+class TvbaseStore(StoreMethod):
     """A tvbase store at one budget, behind the compressors' interface (fit / rebuild / compose).
 
     Built from the checkpoint files (what a user ingests), in a temporary directory removed by
-    :meth:`close`. ``nbytes_`` is the store directory's size on disk; ``factor_bytes_`` the
-    stored factors alone.
+    :meth:`close` (see :class:`benchmarks.baselines.StoreMethod`). ``nbytes_`` is the store
+    directory's size on disk; ``factor_bytes_`` the stored factors alone.
 
     Parameters
     ----------
     budget : float
-        FitParams budget (0.03 = 3%); every other parameter is tvbase's default.
+        FitParams budget (0.03 = 3%); every other parameter is tvbase's default (``seed`` aside).
     device : str
         Where ingest and rebuild run.
+    seed : int
+        FitParams seed.
     """
 
     family = "tvbase"
+    series = family
     reference = "this project: cluster-shared Tucker-2, int4 factors, int8 dense (DESIGN.md)"
 
-    def __init__(self, budget: float, device: str = "cpu"):
+    def __init__(self, budget: float, device: str = "cpu", seed: int = 0):
+        super().__init__(device=device, seed=seed)
         self.budget = budget
-        self.device = device
-        self._dir = None
-
-    series = family
 
     @property
     def label(self):
         return f"tvbase {self.budget:.0%}"
 
-    def params(self):
-        return FitParams(budget=self.budget).to_dict()
-
-    def fit(self, base_path, task_paths) -> "TvbaseStore":
-        self._dir = Path(tempfile.mkdtemp(prefix="tvbase-bench-"))
-        self.store_ = Store.create(self._dir / "store", base_path, params=FitParams(budget=self.budget), progress=False)
-        self.store_.ingest(dict(task_paths), device=self.device, progress=False)
-        info = self.store_.info()
-        self.nbytes_ = int(info["disk_bytes"])
-        self.factor_bytes_ = int(info["factor_bytes"])
-        self.raw_bytes_ = int(info["raw_fp32_bytes"])
-        self.n_clusters_ = int(info["clusters"])
-        return self
-
-    def rebuild(self, task):
-        return self.store_.get(task, device=self.device)
-
-    def compose(self, coefficients):
-        return self.store_.compose(dict(coefficients), device=self.device)
-
-    def close(self):
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+    def fit_params(self):
+        return FitParams(budget=self.budget, seed=self.seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,34 +207,43 @@ def _methods(config: Config, n_tasks: int, tall_score, seed: int, device: str) -
         BitDelta(),
         TsvCompress(factor_dtype="float16"),
         *[TallMasks(lambdas=config.tall_lambdas, score=tall_score, merge=merge) for merge in config.tall_merges],
-        *[CenteredPCA(n_components=m) for m in pca_ms],
-        GramAutoencoder(n_bases=max(1, n_tasks // 2), steps=config.ae_steps, seed=seed),
-        *[ClusterMean(n_clusters=k, seed=seed) for k in cluster_ks],
-        *[TvbaseStore(budget=b, device=device) for b in config.budgets],
+        *[SeedPCA(n_components=m, seed=seed, device=device) for m in pca_ms],
+        SeedAutoencoder(n_components=max(1, n_tasks // 2), seed=seed, device=device),
+        *[SeedClusterMean(n_clusters=k, seed=seed, device=device) for k in cluster_ks],
+        *[TvbaseStore(budget=b, device=device, seed=seed) for b in config.budgets],
     ]
 
 
 def _extra(method) -> dict:
     """Method-specific facts worth recording (fitted state)."""
-    if isinstance(method, TvbaseStore):
-        return {"clusters": method.n_clusters_, "factor_bytes": method.factor_bytes_, "disk_bytes": method.nbytes_}
+    if isinstance(method, StoreMethod):
+        out = {
+            "factor_bytes": method.factor_bytes_,
+            "coefficient_bytes": method.coefficient_bytes_,
+            "disk_bytes": method.disk_bytes_,
+        }
+        if not isinstance(method, SeedBasis):
+            return {"clusters": method.n_clusters_, **out}
+        out.update(ingest_method=method.method, n_components=method.n_components_)
+        if isinstance(method, SeedAutoencoder):
+            out.update(loss=method.loss_, loss_lower_bound=method.loss_bound_, loss_at_zero=method.energy_)
+        if isinstance(method, SeedClusterMean):
+            labels = None if method.labels_ is None else dict(zip(method.tasks_, method.labels_.tolist()))
+            out.update(clusters=method.n_components_, labels=labels)
+        return out
     if isinstance(method, TallMasks):
         return {"lambda_per_task": method.lambdas_}
     if isinstance(method, TsvCompress):
         return {"rank_per_matrix": method.ranks_}
-    if isinstance(method, GramAutoencoder):
-        return {"loss": method.loss_, "loss_lower_bound": method.loss_bound_, "loss_at_zero": method.energy_}
-    if isinstance(method, ClusterMean):
-        return {"clusters": method.n_clusters_, "labels": dict(zip(method.tasks_, method.labels_.tolist()))}
     return {}
 
 
 def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -> dict:
     """Build one method's representation and measure it; returns its JSON record."""
     t0 = time.perf_counter()
-    if isinstance(method, TvbaseStore):
+    if isinstance(method, StoreMethod):
         method.fit(zoo.base_path, {t: zoo.task_path(t) for t in zoo.tasks})
-        payload = method.factor_bytes_
+        payload = method.payload_bytes_
         counted = "store directory on disk (info()['disk_bytes'])"
     else:
         method.fit(tvs)
@@ -291,6 +276,7 @@ def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -
         return float(np.mean([zoo.evaluate(delta, t, "val", delta=True) / zoo.finetuned_val_accuracy[t] for t in group]))
 
     alpha_add, add_scores = choose_addition_alpha(addition_score, config.grid)
+    add_scores = [[alpha, score] for alpha, score in add_scores.items()]  # grid order
     delta = _scaled(summed, alpha_add)
     add_test = {t: zoo.evaluate(delta, t, "test", delta=True) for t in group}
     add_norm = {t: a / zoo.finetuned_accuracy[t] for t, a in add_test.items()}
@@ -300,11 +286,13 @@ def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -
     tau_target = rebuilt[target]
     floor = CONTROL_FLOOR * zoo.base_val_accuracy[control]
 
-    def negation_score(alpha):
-        delta = _scaled(tau_target, -alpha)
-        return zoo.evaluate(delta, target, "val", delta=True), zoo.evaluate(delta, control, "val", delta=True)
+    def negation_score(task):
+        return lambda alpha: zoo.evaluate(_scaled(tau_target, -alpha), task, "val", delta=True)
 
-    alpha_neg, neg_rows = choose_negation_alpha(negation_score, config.grid, floor)
+    alpha_neg, neg_scores = choose_negation_alpha(
+        negation_score(target), negation_score(control), zoo.base_val_accuracy[control], config.grid, keep=CONTROL_FLOOR
+    )
+    neg_rows = [[alpha, t, c] for alpha, (t, c) in neg_scores.items()]  # (alpha, target, control), grid order
     delta = _scaled(tau_target, -alpha_neg)
     neg_target = zoo.evaluate(delta, target, "test", delta=True)
     neg_control = zoo.evaluate(delta, control, "test", delta=True)
@@ -314,6 +302,7 @@ def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -
         "family": method.family,
         "series": method.series,
         "reference": method.reference,
+        "via": method.via,
         "params": method.params(),
         "bytes": int(method.nbytes_),
         "bytes_counted": counted,
@@ -390,7 +379,7 @@ def run_arch(arch: str, cache: Path, config: Config, seed: int = 0, device: str 
         try:
             records.append(_measure(method, zoo, tvs, config, raw_bytes, log))
         finally:
-            if isinstance(method, TvbaseStore):
+            if isinstance(method, StoreMethod):
                 method.close()
     base_add = {t: zoo.base_accuracy[t] / zoo.finetuned_accuracy[t] for t in ADDITION_GROUP}
     return {
@@ -468,10 +457,13 @@ def format_tables(results: dict) -> str:
 
 def _notes(results: dict) -> str:
     lines = [
-        "- **storage %**: bytes of the representation / raw fp32 bytes of all task vectors. Baselines: their packed "
-        "arrays (codes, bit masks, scales, factors; names and shapes not counted). tvbase: the whole store directory "
-        "on disk (payload, index, metadata, Icechunk history). **payload %**: tvbase's factor bytes alone; for "
-        "baselines the same as storage %.",
+        "- **storage %**: bytes of the representation / raw fp32 bytes of all task vectors. fp16, int8, BitDelta, "
+        "TSV-C, TALL: their packed arrays (codes, bit masks, scales, factors; names and shapes not counted). tvbase "
+        "and the seed bases (PCA, Gram AE, cluster mean), which the library implements and are built through a real "
+        "store (`Store.ingest`, as `tvbase ingest [--method pca|autoencoder|cluster-merge]`): the whole store "
+        "directory on disk (payload, index, metadata, Icechunk history). **payload %**: their factor bytes, plus the "
+        "seed bases' coefficients (fp32, 4·M bytes per task, kept in the store's metadata); for the packed-array "
+        "methods the same as storage %.",
         "- **mean / worst**: acc(base + rebuilt τ_t) / acc(fine-tuned t) on the test split, over all tasks (worst task "
         "named). **addition**: mean normalized test accuracy of the group for base + α·Σ τ̂_t, α from the grid "
         "maximizing mean normalized validation accuracy. **negation**: test accuracy of target and control for "
@@ -480,18 +472,20 @@ def _notes(results: dict) -> str:
         "scores about 0.9 of their fine-tuned accuracy; mixing them with transformed-input tasks collapses the latter "
         "on this zoo (one shared 10-way head). The three transformed-input digit tasks were the group where raw "
         "addition works best among those tried. hflip is a target the base already solves in part (symmetric digits).",
-        "- **build s**: fitting from task vectors in memory (tvbase: create + ingest from the checkpoint files; TALL "
-        "includes choosing λ per task on validation). **rebuild ms**: median time to rebuild one task vector (tvbase: "
-        "`store.get` on the CPU, reading the store).",
+        "- **build s**: fitting from task vectors in memory (tvbase and seed bases: create + ingest from the "
+        "checkpoint files; TALL includes choosing λ per task on validation). **rebuild ms**: median time to rebuild "
+        "one task vector (tvbase and seed bases: `store.get` on the CPU, reading the store).",
         "- BitDelta: sign bits + one fp32 scale (mean |τ|) per matrix, 1-D tensors fp16, no scale distillation.",
         "- TSV-C: rank max(1, floor(min(m, n)/T)) per task and matrix (conv kernels flattened), fp16 factors, 1-D "
         "tensors fp16.",
-        "- TALL masks: τ_MTL (task-arithmetic sum, or TIES merge with density 0.2) in fp32 + 1 bit per entry per task, "
-        "λ per task from {0.2, …, 0.6} on validation.",
-        "- PCA: centered, mean + M basis vectors + coefficients in fp32, M in {1, 2, T/4, T/2}. Gram AE: M = T/2, "
-        "softmax temperature 5, Adam lr 0.01, 6000 steps; basis and decoder in fp32.",
-        "- Cluster mean: spectral clustering of |cos| of the flattened vectors (K by eigengap, and fixed K = T/4, T/2), "
-        "each task rebuilt as its cluster's mean (K means in fp32 + one uint8 label per task).",
+        "- TALL masks: τ_MTL (task-arithmetic sum, or TIES merge with density 0.2, trimmed per tensor: "
+        "`tvbase.ingest.seed.ties_merge`) in fp32 + 1 bit per entry per task, λ per task from {0.2, …, 0.6} on "
+        "validation.",
+        "- Seed bases (Task Vector Bases, `tvbase.ingest.seed`, stored at fp32): PCA `--method pca --components M`, "
+        "centered, mean + M basis vectors, M in {1, 2, T/4, T/2}. Gram AE `--method autoencoder --components T/2`, "
+        "library defaults (softmax temperature 5, Adam lr 0.01, 6000 steps, weight decay 1e-6, decoder refitted by least squares). "
+        "Cluster mean `--method cluster-merge`: spectral clustering of |cos| (from the Gram; K by eigengap, and fixed "
+        "K = T/4, T/2), each task rebuilt as its cluster's mean (K means + one-hot coefficients).",
         "- tvbase: default FitParams (int4 factors with per-column scales, int8 dense tensors, residual share 0.25, "
         "clusters by eigengap) at each budget.",
     ]
@@ -499,9 +493,10 @@ def _notes(results: dict) -> str:
         for m in r["methods"]:
             e = m["extra"]
             if m["family"] == "Gram AE":
+                at_zero = "n/a" if e["loss_at_zero"] is None else f"{e['loss_at_zero']:.4g}"
                 lines.append(
                     f"- {arch} Gram AE: final loss {e['loss']:.4g}, lower bound (rank M) {e['loss_lower_bound']:.4g}, "
-                    f"loss at W = 0 {e['loss_at_zero']:.4g}."
+                    f"loss at W = 0 {at_zero}."
                 )
         clusters = sorted({m["extra"]["clusters"] for m in r["methods"] if m["family"] == "tvbase"})
         lines.append(f"- {arch} tvbase: {', '.join(map(str, clusters))} cluster(s) chosen by the eigengap.")

@@ -2,7 +2,10 @@
 
 The quick run builds a 4-task, one-epoch ViT digits zoo (a second or two) and measures one variant
 of every method family on it: about 10 CPU-seconds. The CNN path of the benchmark is the same
-code; the baselines' handling of conv kernels is checked on toy tensors below.
+code; the baselines' handling of conv kernels is checked on toy tensors below. The seed bases
+(PCA, Gram AE, cluster mean) are the library's, reached through a real store: the checks here
+are that the benchmark goes that way and counts its bytes right, not the algorithms
+(tests/test_seed.py, tests/test_seed_store.py).
 """
 
 import importlib.util
@@ -11,9 +14,12 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+
+import tvbase.coefficients
+from tvbase.ingest.seed import ties_merge
 
 # `benchmarks` is a top-level folder of the repository, not part of the installed package: make
 # it importable under plain `pytest` too (which puts tests/, not the repository root, on sys.path).
@@ -22,11 +28,15 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from benchmarks import baselines  # noqa: E402
+from benchmarks import memory_accuracy  # noqa: E402
 from benchmarks.memory_accuracy import MARK_END, MARK_START, QUICK, run  # noqa: E402
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ARCHS = ("vit",)
 BASELINE_FAMILIES = {"raw fp32", "fp16", "int8", "BitDelta", "TSV-C", "TALL masks", "PCA", "Gram AE", "cluster mean"}
+# families built by `Store.ingest` (the library), and the ingest method of each seed basis
+STORE_FAMILIES = {"tvbase", "PCA", "Gram AE", "cluster mean"}
+SEED_METHOD = {"PCA": "pca", "Gram AE": "autoencoder", "cluster mean": "cluster-merge"}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +78,35 @@ def test_json_has_every_method_with_valid_fields(quick):
             assert 0.0 <= m["negation"]["control_accuracy"] <= 1.0, where
             assert m["negation"]["alpha"] in QUICK.grid, where
             assert m["build_seconds"] >= 0.0 and m["rebuild_ms"] >= 0.0, where
+            assert m["via"] == ("store" if m["family"] in STORE_FAMILIES else "packed arrays"), where
+            assert [a for a, _ in m["addition"]["val_scores"]] == list(QUICK.grid), where
+            assert [row[0] for row in m["negation"]["val_rows"]] == list(QUICK.grid), where
+
+
+def test_seed_bases_come_from_the_store(quick):
+    """PCA, Gram AE and cluster mean rows are `Store.ingest(method=...)` stores, counted like tvbase's."""
+    _, results = quick
+    for arch, result in results["archs"].items():
+        n_tasks = len(result["zoo"]["tasks"])
+        raw = result["zoo"]["raw_fp32_bytes"]
+        seeds = [m for m in result["methods"] if m["family"] in SEED_METHOD]
+        assert {m["family"] for m in seeds} == set(SEED_METHOD), arch
+        for m in seeds:
+            where, e = f"{arch} {m['method']}", m["extra"]
+            assert m["via"] == "store" and m["params"]["method"] == SEED_METHOD[m["family"]], where
+            assert e["ingest_method"] == SEED_METHOD[m["family"]] and m["params"]["bits"] == 32, where
+            assert m["bytes"] == e["disk_bytes"] and m["bytes_counted"].startswith("store directory"), where
+            M = e["n_components"]
+            assert e["coefficient_bytes"] == 4 * M * n_tasks, where
+            assert m["payload_bytes"] == e["factor_bytes"] + e["coefficient_bytes"], where
+            # fp32 basis: M vectors (+ the mean for PCA) of the raw size of one task vector
+            vectors = M + (m["family"] == "PCA")
+            assert e["factor_bytes"] == vectors * raw // n_tasks, where
+        ae = next(m for m in seeds if m["family"] == "Gram AE")["extra"]
+        assert ae["loss_lower_bound"] * (1 - 1e-9) <= ae["loss"] < ae["loss_at_zero"], arch
+        cm = next(m for m in seeds if m["family"] == "cluster mean")
+        assert sorted(set(cm["extra"]["labels"].values())) == list(range(cm["extra"]["clusters"])), arch
+        assert f"K eigengap = {cm['extra']['clusters']}" in cm["method"], arch
 
 
 def test_raw_is_exact_and_fp16_is_close(quick):
@@ -127,6 +166,19 @@ def _error(a, b):
     return max(float((a[n] - b[n]).abs().max()) for n in b)
 
 
+def _write_checkpoints(root, tvs, seed=1):
+    """A base checkpoint and one fine-tune per task (base + tau), as safetensors files."""
+    gen = torch.Generator().manual_seed(seed)
+    first = next(iter(tvs.values()))
+    base = {n: torch.randn(*x.shape, generator=gen) for n, x in first.items()}
+    save_file(base, str(root / "base.safetensors"))
+    paths = {}
+    for t, tensors in tvs.items():
+        paths[t] = root / f"{t}.safetensors"
+        save_file({n: base[n] + x for n, x in tensors.items()}, str(paths[t]))
+    return root / "base.safetensors", paths
+
+
 def test_baseline_byte_counts_and_exact_limits():
     tvs = _toy_task_vectors()
     n = sum(x.numel() for x in tvs["t0"].values())  # entries per task
@@ -138,44 +190,57 @@ def test_baseline_byte_counts_and_exact_limits():
     assert bitdelta.nbytes_ == T * (math.ceil(96 / 8) + 4 + math.ceil(72 / 8) + 4 + 2 * 12)
     tall = baselines.TallMasks(lambdas=(0.4,)).fit(tvs)
     assert tall.nbytes_ == 4 * n + T * (math.ceil(96 / 8) + math.ceil(72 / 8) + math.ceil(12 / 8))
-    # PCA with M = T - 1 components and the AE at M = T rebuild exactly (up to float32 storage)
-    pca = baselines.CenteredPCA(n_components=T - 1).fit(tvs)
-    assert pca.nbytes_ == 4 * (n * T + T * (T - 1))
     for t in tvs:
-        assert _error(pca.rebuild(t), tvs[t]) < 1e-5
         assert _error(baselines.Fp32().fit(tvs).rebuild(t), tvs[t]) == 0.0
     tsv = baselines.TsvCompress().fit(tvs)
     assert tsv.ranks_ == {"w": 8 // T, "conv": max(1, 4 // T)}
 
 
-def test_gram_autoencoder_respects_its_lower_bound():
-    tvs = _toy_task_vectors(n_tasks=6)
-    ae = baselines.GramAutoencoder(n_bases=3, steps=500, seed=0).fit(tvs)
-    assert ae.loss_ >= ae.loss_bound_ * (1 - 1e-9)
-    assert ae.loss_ < ae.energy_  # better than no reconstruction at all
-    assert ae.nbytes_ == 4 * (3 * sum(x.numel() for x in tvs["t0"].values()) + 3 * 6)
+def test_tall_ties_uses_the_library_merge():
+    tvs = _toy_task_vectors()
+    tall = baselines.TallMasks(lambdas=(0.4,), merge="ties").fit(tvs)
+    for name in tvs["t0"]:
+        expected = ties_merge([tvs[t][name] for t in tvs], 0.2).float().numpy()
+        assert (tall.packed_["merged", name] == expected).all(), name
 
 
-def test_cluster_mean_rebuilds_the_mean_of_each_cluster():
-    tvs = _toy_task_vectors(n_tasks=4)
-    cm = baselines.ClusterMean(n_clusters=2).fit(tvs)
-    for t, label in zip(cm.tasks_, cm.labels_):
-        members = [u for u, lab in zip(cm.tasks_, cm.labels_) if lab == label]
-        expected = {n: sum(tvs[u][n] for u in members) / len(members) for n in tvs[t]}
-        assert _error(cm.rebuild(t), expected) < 1e-6
+def test_seed_bases_go_through_the_store(tmp_path):
+    tvs = _toy_task_vectors()
+    n = sum(x.numel() for x in tvs["t0"].values())
+    T = len(tvs)
+    base, paths = _write_checkpoints(tmp_path, tvs)
+    # PCA with M = T - 1 components rebuilds exactly (up to float32 storage)
+    with baselines.SeedPCA(n_components=T - 1).fit(base, paths) as pca:
+        assert pca.store_.meta["clusters"]["0"]["method"] == "pca"
+        assert pca.factor_bytes_ == 4 * n * T and pca.coefficient_bytes_ == 4 * T * (T - 1)  # mean + M, c_t
+        assert pca.payload_bytes_ == 4 * (n * T + T * (T - 1))
+        assert pca.nbytes_ == pca.store_.info()["disk_bytes"] > 0
+        for t in tvs:
+            assert _error(pca.rebuild(t), tvs[t]) < 1e-5
+        composed = pca.compose({"t0": 0.5, "t1": -1.0})
+        expected = {k: 0.5 * tvs["t0"][k] - tvs["t1"][k] for k in tvs["t0"]}
+        assert _error(composed, expected) < 1e-5
+        store_dir = pca._dir
+    assert not store_dir.exists()  # closed on leaving the with block
+    with baselines.SeedAutoencoder(n_components=3).fit(base, paths) as ae:
+        assert ae.loss_bound_ * (1 - 1e-9) <= ae.loss_ < ae.energy_  # better than no reconstruction
+        assert ae.payload_bytes_ == 4 * (3 * n + 3 * T)  # basis S, coefficients (decoder W)
+        assert ae.label == "Gram AE M=3"
+    with baselines.SeedClusterMean(n_clusters=2).fit(base, paths) as cm:
+        assert cm.n_components_ == 2 and cm.label == "spectral clusters + mean (K = 2)"
+        for t, label in zip(cm.tasks_, cm.labels_):
+            members = [u for u, lab in zip(cm.tasks_, cm.labels_) if lab == label]
+            expected = {k: sum(tvs[u][k] for u in members) / len(members) for k in tvs[t]}
+            assert _error(cm.rebuild(t), expected) < 1e-6
+        assert cm.payload_bytes_ == 4 * (2 * n + 2 * T)
 
 
-def test_coefficient_rules():
-    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
-    alpha, scores = baselines.choose_addition_alpha(lambda a: 1 - (a - 0.5) ** 2, grid)
-    assert alpha == 0.5 and [a for a, _ in scores] == grid
-    alpha, _ = baselines.choose_addition_alpha(lambda a: 1.0, grid)  # ties: the smallest alpha
-    assert alpha == 0.0
-    # target falls with alpha; control falls below the floor after 0.5
-    alpha, rows = baselines.choose_negation_alpha(lambda a: (1 - a, 1.0 if a <= 0.5 else 0.5), grid, control_floor=0.9)
-    assert alpha == 0.5 and len(rows) == len(grid)
-    alpha, _ = baselines.choose_negation_alpha(lambda a: (1 - a, 0.0), grid, control_floor=0.9)
-    assert alpha == 0.0  # nothing keeps the control: do not negate
+def test_one_place_per_concern():
+    """Coefficient rules and seed bases are the library's; the benchmark keeps no copies."""
+    assert memory_accuracy.choose_addition_alpha is tvbase.coefficients.choose_addition_alpha
+    assert memory_accuracy.choose_negation_alpha is tvbase.coefficients.choose_negation_alpha
+    for gone in ("choose_addition_alpha", "choose_negation_alpha", "CenteredPCA", "GramAutoencoder", "ClusterMean"):
+        assert not hasattr(baselines, gone), gone
     with pytest.raises(KeyError, match="valid baselines: fp32, fp16"):
         baselines.make_baseline("nope")
-    assert np.isclose(baselines.ALPHA_GRID[1], 0.05) and len(baselines.ALPHA_GRID) == 21
+    assert isinstance(baselines.make_baseline("pca", n_components=2), baselines.StoreMethod)
