@@ -179,6 +179,10 @@ class TaskClusterer:
         ``lambda_k - lambda_{k-1}`` of the symmetric normalized Laplacian of the affinity.
     max_clusters : int, default=8
         Upper bound for ``"auto"``. Ignored when ``n_clusters`` is an integer.
+    min_clusters : int, default=1
+        Lower bound for ``"auto"`` (capped at ``k_max``). The |cos| affinity of task vectors is a
+        dense, connected graph, so the gap after ``lambda_0 = 0`` is nearly always the largest;
+        a lower bound of 2 lets the eigengap choose among real splits.
     seed : int, default=0
         ``random_state`` of the k-means step inside spectral clustering, in ``[0, 2**32 - 1]``.
 
@@ -203,7 +207,8 @@ class TaskClusterer:
     for two tasks saves nothing over two per-task factorizations.
     """
 
-    def __init__(self, n_clusters: int | str = "auto", max_clusters: int = 8, seed: int = 0):
+    def __init__(self, n_clusters: int | str = "auto", max_clusters: int = 8, seed: int = 0, min_clusters: int = 1):
+        self.min_clusters = min_clusters
         self.n_clusters = n_clusters
         self.max_clusters = max_clusters
         self.seed = seed
@@ -264,7 +269,8 @@ class TaskClusterer:
 
         if n_clusters is None:
             # argmax takes the first maximum: ties go to fewer clusters (a bigger shared basis).
-            n_clusters = int(np.argmax(self.eigengap_)) + 1 if n_tasks > 2 else 1
+            low = min(_check_int("min_clusters", self.min_clusters, 1), max(k_max, 1)) - 1
+            n_clusters = int(np.argmax(self.eigengap_[low:])) + 1 + low if n_tasks > 2 else 1
         if n_tasks <= 2 or n_clusters == 1:
             labels = np.zeros(n_tasks, dtype=np.int64)
         elif n_clusters == n_tasks:

@@ -131,12 +131,21 @@ class _Fit:
         mshape = self.matrices.get(name)
         return x.reshape(mshape) if mshape else x.reshape(-1)  # (m, n) or (numel,)
 
+    def _norm(self, t, name):
+        """What a captured energy of (task, tensor) is divided by before ranks are allocated.
+
+        The geometric mean of the tensor's and the whole task's energy: per-tensor alone gives
+        tiny layers as much weight as big ones, per-task alone starves small critical layers
+        (the head); the mix measured best on the worst task (benchmarks/RESULTS.md).
+        """
+        return max((self.layer_energy[t, name] * self.task_energy[t]) ** 0.5, 1e-30)
+
     def _budget_bytes(self):
         return self.p.budget * raw_bytes(self.shapes) * len(self.tasks)
 
     # -- passes --------------------------------------------------------------------------
     def run(self, shared):
-        labels = self._cluster() if shared else {t: None for t in self.tasks}
+        labels = self._scan(shared)
         self.result.labels = labels
         factor_budget = None
         if self.p.rank is None:
@@ -147,7 +156,6 @@ class _Fit:
                     f"budget {self.p.budget:.2%} is too small: the densely stored tensors (biases, norms) "
                     f"alone need {need:.2%} at {self.p.dense_bits} bits; raise --budget or lower --dense-bits"
                 )
-        self._store_dense()
         spent = 0.0
         if shared:
             budget = None if factor_budget is None else factor_budget * (1 - self.p.residual_share)
@@ -159,33 +167,39 @@ class _Fit:
         self._measure_error()
         return self.result
 
-    def _cluster(self):
-        n_clusters = self.p.n_clusters
-        if len(self.tasks) <= 2 or n_clusters == 1:
-            return {t: 0 for t in self.tasks}
-        sketcher = TaskSketcher(seed=self.p.seed)
+    def _scan(self, shared):
+        """Pass 1 over every tensor: energies, dense tensors and, for a shared fit, the clusters."""
+        cluster = shared and len(self.tasks) > 2 and self.p.n_clusters != 1
+        sketcher = TaskSketcher(seed=self.p.seed) if cluster else None
         sketches = []
-        bar = self._bar(len(self.tasks) * len(self.shapes), "sketch")
+        bar = self._bar(len(self.tasks) * len(self.shapes), "scan")
         for t in self.tasks:
-            s = 0
+            sketch = 0
             for i, name in enumerate(self.shapes):
-                s = s + sketcher.sketch_tensor(i, self._read(t, name).cpu())
+                x = self._read(t, name)
+                self.layer_energy[t, name] = float(x.square().sum())
+                if name in self.dense:
+                    self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
+                if cluster:
+                    sketch = sketch + sketcher.sketch_tensor(i, x.cpu())
                 bar.update()
-            sketches.append(s.numpy())
+            if cluster:
+                sketches.append(sketch.numpy())
         bar.close()
-        clusterer = TaskClusterer(n_clusters=n_clusters, seed=self.p.seed).fit(np.stack(sketches))
+        self.task_energy = {t: sum(self.layer_energy[t, n] for n in self.shapes) for t in self.tasks}
+        if not shared:
+            return {t: None for t in self.tasks}
+        if not cluster:
+            return {t: 0 for t in self.tasks}
+        # min 2: see TaskClusterer; measured on the 25-task zoos, 2-4 clusters beat 1 on the worst task
+        min_clusters = 2 if len(self.tasks) >= 4 else 1
+        clusterer = TaskClusterer(n_clusters=self.p.n_clusters, seed=self.p.seed, min_clusters=min_clusters)
+        clusterer.fit(np.stack(sketches))
         return {t: int(c) for t, c in zip(self.tasks, clusterer.labels_)}
 
     def _dense_bytes(self):
         per_task = sum(payload_nbytes(int(torch.Size(self.shapes[n]).numel()), 1, self.p.dense_bits) for n in self.dense)
         return per_task * len(self.tasks)
-
-    def _store_dense(self):
-        for t in self.tasks:
-            for name in self.dense:
-                x = self._read(t, name)
-                self.layer_energy[t, name] = float(x.square().sum())
-                self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
 
     def _fit_shared(self, labels, budget):
         """Passes 2-4: shared bases, cores, rank allocation. Returns the bytes spent."""
@@ -204,7 +218,6 @@ class _Fit:
                     x = self._read(t, name).double()
                     gl += x @ x.T
                     gr += x.T @ x
-                    self.layer_energy[t, name] = float(x.square().sum())
                     bar.update()
                 ru_max = min(m, k * n, self.p.max_rank)
                 rv_max = min(n, k * m, self.p.max_rank)
@@ -225,7 +238,7 @@ class _Fit:
                 )
                 gain = np.zeros(r_max + 1)
                 for t, C in cores.items():
-                    e = max(self.layer_energy[t, name], 1e-30)
+                    e = self._norm(t, name)
                     sq = C.square().double()
                     # energy of the leading (ru(r), rv(r)) block of the core, for every r
                     block = torch.cumsum(torch.cumsum(sq, 0), 1).cpu().numpy()
@@ -270,11 +283,9 @@ class _Fit:
             for t, name in keys:
                 m, n = self.matrices[name]
                 e = self._residual(t, name)
-                if (t, name) not in self.layer_energy:
-                    self.layer_energy[t, name] = float(self._read(t, name).square().sum())
                 q_max = min(m, n, self.p.max_rank)
                 s = _singular_values(e, q_max)
-                gain = cumulative(s.square().cpu().numpy()) / max(self.layer_energy[t, name], 1e-30)
+                gain = cumulative(s.square().cpu().numpy()) / self._norm(t, name)
                 cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
                 curves.append((cost, gain))
                 bar.update()
