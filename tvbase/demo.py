@@ -19,7 +19,7 @@ from .store import Store
 from .zoo import DEMO_TASKS, build_zoo
 
 ALPHAS = np.linspace(0, 1, 21)  # the addition grid of Task Vector Bases (Zeng et al., 2025)
-COMPOSE_PAIR = ("ovr-3", "ovr-7")  # two one-vs-rest tasks: addition keeps ~0.9 of both with raw vectors
+COMPOSE_PAIR = ("rot90", "hflip")  # two transformed-input digit tasks: raw addition keeps ~0.75 of both
 
 
 def default_cache():
