@@ -21,6 +21,7 @@ unreferenced payload bytes that ``compact`` reclaims.
 
 import datetime as _dt
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -203,7 +204,7 @@ class Store:
         session = repo.writable_session("main")
         root = zarr.open_group(session.store, mode="w")
         _create_arrays(root)
-        root.attrs["tvbase"] = {
+        meta = {
             "format_version": FORMAT_VERSION,
             "tvbase_version": __version__,
             "created": _now(),
@@ -215,6 +216,8 @@ class Store:
             "next_task_id": 0,
             "next_cluster_id": 0,
         }
+        meta["digest"] = _digest(meta, np.zeros((0, len(INDEX_COLUMNS)), dtype=np.int64), 0)
+        root.attrs["tvbase"] = meta
         snapshot = session.commit(f"init store for base {Path(base).name}", metadata={"op": "init", "tvbase_version": __version__})
         return cls(path, repo, snapshot)
 
@@ -228,20 +231,32 @@ class Store:
         return cls(path, repo, _resolve_version(repo, at))
 
     def _load(self, snapshot_id):
-        self.version = snapshot_id
-        session = self._repo.readonly_session(snapshot_id=snapshot_id)
-        root = zarr.open_group(session.store, mode="r")
-        meta = root.attrs.get("tvbase")
-        if not isinstance(meta, dict) or "format_version" not in meta:
-            raise IntegrityError(f"{self.path} is an Icechunk repository without tvbase metadata")
-        if meta["format_version"] > FORMAT_VERSION:
-            raise FormatVersionError(
-                f"store {self.path} has format version {meta['format_version']}, newer than this tvbase "
-                f"({__version__}) reads (up to {FORMAT_VERSION}); upgrade tvbase"
+        try:
+            session = self._repo.readonly_session(snapshot_id=snapshot_id)
+            root = zarr.open_group(session.store, mode="r")
+            meta = root.attrs.get("tvbase")
+            if not isinstance(meta, dict) or "format_version" not in meta:
+                raise IntegrityError(f"{self.path} is an Icechunk repository without tvbase metadata")
+            if meta["format_version"] > FORMAT_VERSION:
+                raise FormatVersionError(
+                    f"store {self.path} has format version {meta['format_version']}, newer than this tvbase "
+                    f"({__version__}) reads (up to {FORMAT_VERSION}); upgrade tvbase"
+                )
+            payload = root["payload"]
+            index = _read_array(root["index"], "index")
+        except TvbaseError:
+            raise
+        except Exception as e:  # damaged snapshot, manifest or chunk: never a traceback, never a guess
+            raise IntegrityError(f"store {self.path} is damaged at version {snapshot_id}: {type(e).__name__}: {e}") from None
+        if meta.get("digest") != _digest(meta, index, int(payload.shape[0])):
+            raise IntegrityError(
+                f"store {self.path}: the metadata of version {snapshot_id} does not match its checksum; "
+                "the store is damaged (open an earlier version with --at, see `tvbase log`)"
             )
+        self.version = snapshot_id
         self.meta = meta
-        self._payload = root["payload"]
-        self._index = _read_array(root["index"], "index")
+        self._payload = payload
+        self._index = index
         self._tensor_id = {name: i for i, name in enumerate(meta["tensors"])}
         self._rows = {}  # (owner_kind, owner_id, tensor_id) -> {role: index row}
         for row in self._index:
@@ -475,6 +490,7 @@ class Store:
             root = zarr.open_group(session.store, mode="r+")
             meta = json.loads(json.dumps(self.meta))  # deep copy; self.meta stays the old snapshot's
             yield root, meta
+            meta["digest"] = _digest(meta, _read_array(root["index"], "index"), int(root["payload"].shape[0]))
             root.attrs["tvbase"] = meta
             snapshot = session.commit(message, metadata={**metadata, "tvbase_version": __version__})
         self._load(snapshot)
@@ -581,6 +597,7 @@ class Store:
         validate_params(params)
         device = _device(device)
         tasks = self.tasks
+        fitted_version = self.version
         source = self._compact_source(tasks, device)
         try:
             result = fit(source, tasks, self.shapes, params, True, device, progress)
@@ -591,8 +608,8 @@ class Store:
             if t not in source.originals:
                 result.rel_error[t] += old[t]["rel_error"]
         with self._transaction("compact", {"op": "compact", "tasks": tasks}, wait) as (root, meta):
-            if sorted(meta["tasks"]) != tasks:
-                raise StoreLockedError("the store changed while compacting; run compact again")
+            if self.version != fitted_version:  # committing would undo another writer's change
+                raise StoreLockedError("another writer changed the store while compact was fitting; run compact again")
             meta["tasks"], meta["clusters"] = {}, {}
             sources = {t: old[t]["source"] for t in tasks}
             _write_fit(root, meta, result, self.shapes, params, sources, append=False, previous=old)
@@ -727,7 +744,22 @@ def _read_array(array, label, selection=slice(None)):
     except ValueError as e:
         if "checksum" in str(e):
             raise IntegrityError(f"checksum mismatch in array {label!r}: the store is damaged; run `tvbase verify`") from None
-        raise
+        raise IntegrityError(f"array {label!r} cannot be read ({e}): the store is damaged; run `tvbase verify`") from None
+    except Exception as e:  # a missing or truncated chunk file surfaces as an Icechunk/IO error
+        raise IntegrityError(f"array {label!r} cannot be read ({type(e).__name__}: {e}): the store is damaged") from None
+
+
+def _digest(meta, index, payload_bytes):
+    """sha256 of the metadata (without its digest), the offset table and the payload length.
+
+    Icechunk checksums no snapshot, and zarr's crc32c covers chunks only: without this a flipped
+    bit in a task's id would rebuild another task's factors and exit 0.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "digest"}, sort_keys=True).encode())
+    h.update(np.ascontiguousarray(index, dtype="<i8").tobytes())
+    h.update(str(int(payload_bytes)).encode())
+    return h.hexdigest()
 
 
 def _write_index(array, rows):
