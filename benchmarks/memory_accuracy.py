@@ -65,6 +65,7 @@ from .baselines import (
     TallMasks,
     TsvCompress,
 )
+from .report import markers, replace_section
 
 __all__ = ["run", "main", "TvbaseStore", "Config", "FULL", "QUICK", "format_tables", "update_results_md"]
 
@@ -72,8 +73,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_CACHE = BENCH_DIR / "cache"  # git-ignored
 DEFAULT_OUT = BENCH_DIR / "results"
 DEFAULT_RESULTS_MD = BENCH_DIR / "RESULTS.md"
-MARK_START = "<!-- memory-accuracy:start -->"
-MARK_END = "<!-- memory-accuracy:end -->"
+MARK_START, MARK_END = markers("memory-accuracy")
 
 # Task addition group: three transformed-input digit tasks (10 labels each, chance 0.1). Chosen
 # on validation accuracy of raw addition among candidate groups of the zoo:
@@ -526,22 +526,8 @@ def format_markdown(results: dict, png_paths: dict, relative_to: Path) -> str:
 
 
 def update_results_md(path: Path, section: str) -> None:
-    """Replace the text between this benchmark's markers in ``path`` (append the markers if absent).
-
-    Everything outside the markers is left as it is; a missing file is created with a title.
-    """
-    path = Path(path)
-    block = f"{MARK_START}\n{section.rstrip()}\n{MARK_END}"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace this benchmark's section of ``path`` (see ``benchmarks.report``)."""
+    replace_section(path, "memory-accuracy", section)
 
 
 def write_plot(result: dict, path: Path) -> Path | None:

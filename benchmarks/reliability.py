@@ -58,9 +58,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .report import markers, replace_section
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO_ROOT / "benchmarks" / "RESULTS.md"
-MARK_START, MARK_END = "<!-- reliability:start -->", "<!-- reliability:end -->"
+MARK_START, MARK_END = markers("reliability")
 
 # Everything runs on the CPU: rebuilds are compared bit for bit, across processes.
 DEVICE = "cpu"
@@ -1115,28 +1117,13 @@ def write_report(summary, out, results_md=RESULTS_MD):
     out.mkdir(parents=True, exist_ok=True)
     (out / "reliability.json").write_text(json.dumps(summary, indent=2, default=str))
     if results_md is not None:
-        replace_section(results_md, markdown(summary))
-
-
-def replace_section(path, body):
-    """Read-modify-write only the text between the reliability markers (appended when absent)."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else "# Measured results\n"
-    block = f"{MARK_START}\n{body}\n{MARK_END}"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        replace_section(results_md, "reliability", markdown(summary))
 
 
 def rewrite_report(out=REPO_ROOT / "benchmarks" / "results", results_md=RESULTS_MD):
     """Re-render the RESULTS.md section from a saved ``reliability.json`` (no new measurements)."""
     summary = json.loads((Path(out) / "reliability.json").read_text())
-    replace_section(results_md, markdown(summary))
+    replace_section(results_md, "reliability", markdown(summary))
     return summary
 
 

@@ -60,11 +60,11 @@ def test_outputs_written(quick):
 def test_write_section_replaces_only_its_own(tmp_path):
     path = tmp_path / "RESULTS.md"
     path.write_text(f"# R\n\n<!-- a:start -->\nA\n<!-- a:end -->\n\n{theory.MARK_START}\nold\n{theory.MARK_END}\n\ntail\n")
-    theory.write_section(path, f"{theory.MARK_START}\nnew\n{theory.MARK_END}")
+    theory.write_section(path, "new")
     text = path.read_text()
     assert "old" not in text and "\nnew\n" in text
     assert "<!-- a:start -->\nA\n<!-- a:end -->" in text and text.endswith("tail\n")
-    theory.write_section(tmp_path / "fresh.md", f"{theory.MARK_START}\nx\n{theory.MARK_END}")
+    theory.write_section(tmp_path / "fresh.md", "x")
     assert (tmp_path / "fresh.md").read_text().count(theory.MARK_START) == 1
 
 

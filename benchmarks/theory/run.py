@@ -42,8 +42,9 @@ from safetensors.torch import save_file
 from tvbase import FitParams, Store
 
 from .model import Dims, Patterns, accuracy, init_params, param_shapes, sample_task, train
+from ..report import markers, replace_section
 
-MARK_START, MARK_END = "<!-- theory:start -->", "<!-- theory:end -->"
+MARK_START, MARK_END = markers("theory")
 PAPER = "Li et al., When is Task Vector Provably Effective for Model Editing? (ICLR 2025)"
 
 # Thresholds of the verdicts (test accuracy, binary tasks: chance = 0.5).
@@ -517,7 +518,6 @@ def markdown(report):
     cfg = report["config"]
     n = len(cfg["seeds"])
     lines = [
-        MARK_START,
         "## Theory: the task-arithmetic claims of Li et al. (ICLR 2025), composed through tvbase",
         "",
         f"`{report['command']}` on {report['date']}: torch {report['torch']}, {report['device']}, "
@@ -555,7 +555,6 @@ def markdown(report):
         f"(cos {cfg['partial_cos']}) is the non-trivial test of that claim. The confounder of the out-of-domain task "
         "is a design choice: without it a single in-domain vector already solves the task (the `no confounder` rows). "
         "Aligned-task negation is a contrast, not a claim of the paper.",
-        MARK_END,
     ]
     return "\n".join(lines)
 
@@ -572,17 +571,8 @@ def to_json(obj, indent=0):
 
 
 def write_section(path, section):
-    """Replace this benchmark's section of ``path`` (or append it); other sections stay as they are."""
-    path = Path(path)
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace this benchmark's section of ``path`` (see ``benchmarks.report``)."""
+    replace_section(path, "theory", section)
 
 
 def run(cfg, workdir, log=print):

@@ -1,0 +1,26 @@
+"""The one writer of benchmarks/RESULTS.md sections: each benchmark owns the text between its
+``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and never touches the rest."""
+
+import os
+from pathlib import Path
+
+
+def markers(name):
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def replace_section(path, name, body):
+    """Replace (or append) section ``name`` of the markdown file ``path`` with ``body``, atomically."""
+    path = Path(path)
+    start_mark, end_mark = markers(name)
+    block = f"{start_mark}\n{body.strip()}\n{end_mark}"
+    text = path.read_text() if path.exists() else "# Measured results\n"
+    start, end = text.find(start_mark), text.find(end_mark)
+    if start != -1 and end > start:
+        text = text[:start] + block + text[end + len(end_mark) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
