@@ -489,7 +489,7 @@ class StoreMethod(Compressor):
         self.close()
         self._dir = Path(tempfile.mkdtemp(prefix="tvbase-bench-"))
         try:
-            self.store_ = Store.create(self._dir / "store", base_path, params=self.fit_params(), progress=False)
+            self.store_ = Store.create(self._dir / "store", base_path, params=self.fit_params())
             self.store_.ingest(dict(task_paths), device=self.device, progress=False, **self.ingest_kwargs())
         except BaseException:
             self.close()

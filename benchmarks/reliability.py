@@ -140,7 +140,7 @@ def make_store(path, zoo, ingests=(), removes=()):
     from tvbase.ingest.factorize import FitParams
     from tvbase.store import Store
 
-    store = Store.create(path, zoo.base, params=FitParams(budget=0.5, n_clusters=CLUSTERS), progress=False)
+    store = Store.create(path, zoo.base, params=FitParams(budget=0.5, n_clusters=CLUSTERS))
     for names in ingests:
         store.ingest({n: zoo.tasks[n] for n in names}, device=DEVICE, progress=False)
     for name in removes:

@@ -147,7 +147,7 @@ def fresh_store(tmp_path, zoo):
     The dense tensors of this tiny model (bias, position table) alone need several percent of
     the raw bytes, so a realistic 3% budget would not fit.
     """
-    return Store.create(tmp_path / "store", zoo.base, params=FitParams(budget=0.5), progress=False)
+    return Store.create(tmp_path / "store", zoo.base, params=FitParams(budget=0.5))
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +158,7 @@ def populated(tmp_path_factory, zoo):
     Session-scoped: tests must only read it; use ``populated_copy`` to modify.
     """
     path = tmp_path_factory.mktemp("populated") / "store"
-    store = Store.create(path, zoo.base, params=FitParams(budget=0.5, n_clusters=2), progress=False)
+    store = Store.create(path, zoo.base, params=FitParams(budget=0.5, n_clusters=2))
     versions = {"init": store.version}
     versions["first"] = store.ingest({t: zoo.tasks[t] for t in FIRST_INGEST}, device="cpu", progress=False)
     versions["later"] = store.ingest({t: zoo.tasks[t] for t in LATER_INGEST}, device="cpu", progress=False)

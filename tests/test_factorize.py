@@ -23,7 +23,7 @@ def _frobenius_rel_error(rebuilt, true):
 
 def _build(tmp_path, zoo, params):
     """Store with zoo.first (shared fit) then zoo.later (per-task SVD); returns (store, info after first)."""
-    store = Store.create(tmp_path / f"store-{params.budget}-{params.rank}", zoo.base, params=params, progress=False)
+    store = Store.create(tmp_path / f"store-{params.budget}-{params.rank}", zoo.base, params=params)
     store.ingest({t: zoo.tasks[t] for t in zoo.first}, device="cpu", progress=False)
     after_first = store.info()
     store.ingest({t: zoo.tasks[t] for t in zoo.later}, device="cpu", progress=False)
@@ -170,8 +170,8 @@ def test_uniform_ranks_caps_at_each_items_maximum():
 
 def test_fit_deterministic(tmp_path, zoo):
     """Same inputs, same params -> byte-identical factors (seeded clustering, sign-fixed SVD)."""
-    a = Store.create(tmp_path / "a", zoo.base, params=FitParams(budget=0.3, n_clusters=2), progress=False)
-    b = Store.create(tmp_path / "b", zoo.base, params=FitParams(budget=0.3, n_clusters=2), progress=False)
+    a = Store.create(tmp_path / "a", zoo.base, params=FitParams(budget=0.3, n_clusters=2))
+    b = Store.create(tmp_path / "b", zoo.base, params=FitParams(budget=0.3, n_clusters=2))
     items = {t: zoo.tasks[t] for t in zoo.first[:4]}
     a.ingest(items, device="cpu", progress=False)
     b.ingest(items, device="cpu", progress=False)

@@ -41,7 +41,7 @@ def _frobenius_rel_error(rebuilt, true):
 # -- create / open -------------------------------------------------------------------------------
 def test_create_and_open(tmp_path, zoo):
     path = tmp_path / "s"
-    store = Store.create(path, zoo.base, params=FitParams(budget=0.5), progress=False)
+    store = Store.create(path, zoo.base, params=FitParams(budget=0.5))
     assert store.tasks == []
     assert (path / "repo").is_dir()
     reopened = Store.open(path)
@@ -62,7 +62,7 @@ def test_create_refuses_existing_store(fresh_store, zoo, snapshot_state):
 
 def test_create_into_empty_directory(tmp_path, zoo):
     (tmp_path / "empty").mkdir()
-    assert Store.create(tmp_path / "empty", zoo.base, progress=False).tasks == []
+    assert Store.create(tmp_path / "empty", zoo.base).tasks == []
 
 
 def test_open_missing_store(tmp_path):
@@ -77,7 +77,7 @@ def test_open_missing_store(tmp_path):
 @pytest.mark.parametrize("params", [FitParams(rank=0), FitParams(budget=1.5), FitParams(bits=3)])
 def test_create_validates_params(tmp_path, zoo, params):
     with pytest.raises(InvalidInputError):
-        Store.create(tmp_path / "s", zoo.base, params=params, progress=False)
+        Store.create(tmp_path / "s", zoo.base, params=params)
     assert not (tmp_path / "s" / "repo").exists()
 
 
@@ -207,7 +207,7 @@ def test_open_at_unique_prefix(populated):
 # -- rm and compact ------------------------------------------------------------------------------
 def test_rm_and_compact(tmp_path, zoo):
     params = FitParams(budget=0.9, bits=32, dense_bits=32, n_clusters=2)
-    store = Store.create(tmp_path / "s", zoo.base, params=params, progress=False)
+    store = Store.create(tmp_path / "s", zoo.base, params=params)
     store.ingest({t: zoo.tasks[t] for t in zoo.first}, device="cpu", progress=False)
     store.ingest({t: zoo.tasks[t] for t in zoo.later}, device="cpu", progress=False)
     before_rm = store.version
@@ -265,7 +265,7 @@ def test_compact_does_not_understate_error(originals, tmp_path, zoo):
             dest.parent.mkdir(exist_ok=True)
             shutil.copy(src, dest)
         items[task] = dest
-    store = Store.create(tmp_path / "s", zoo.base, params=FitParams(budget=0.2, n_clusters=2), progress=False)
+    store = Store.create(tmp_path / "s", zoo.base, params=FitParams(budget=0.2, n_clusters=2))
     store.ingest({t: items[t] for t in zoo.first}, device="cpu", progress=False)
     store.ingest({t: items[t] for t in zoo.later}, device="cpu", progress=False)
     if originals == "deleted":
@@ -478,7 +478,7 @@ def test_moved_base(tmp_path, zoo):
     """A base that is no longer where init found it: NotFoundError naming --base; then --base works."""
     base = tmp_path / "base.safetensors"
     base.write_bytes(zoo.base.read_bytes())
-    store = Store.create(tmp_path / "s", base, params=FitParams(budget=0.5), progress=False)
+    store = Store.create(tmp_path / "s", base, params=FitParams(budget=0.5))
     moved = tmp_path / "moved.safetensors"
     base.rename(moved)
     with pytest.raises(NotFoundError, match="--base"):
@@ -533,7 +533,7 @@ def test_writer_lock_wait_succeeds_when_released(populated_copy, zoo):
 
 # -- bf16 ----------------------------------------------------------------------------------------
 def test_bf16_store(tmp_path, zoo):
-    store = Store.create(tmp_path / "s", zoo.bf16_base, params=FitParams(budget=0.5), progress=False)
+    store = Store.create(tmp_path / "s", zoo.bf16_base, params=FitParams(budget=0.5))
     assert store.meta["base"]["tensors"]["l1.weight"]["dtype"] == "BF16"
     store.ingest(zoo.bf16_tasks, device="cpu", progress=False)
     for task in zoo.bf16_tasks:

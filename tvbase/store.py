@@ -183,7 +183,7 @@ class Store:
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
-    def create(cls, path, base, params=None, progress=True):
+    def create(cls, path, base, params=None):
         """Create a store for the base model at ``base`` (a .safetensors file or sharded directory).
 
         Parameters

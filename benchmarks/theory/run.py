@@ -169,7 +169,7 @@ def build_stores(cfg, zoo, root):
     stores = {}
 
     def create(name, params):
-        return Store.create(root / name, zoo.base_path, params=params, progress=False)
+        return Store.create(root / name, zoo.base_path, params=params)
 
     stores[names[0]] = create(names[0], exact)
     stores[names[0]].ingest(zoo.paths, device="cpu", progress=False)
