@@ -39,7 +39,6 @@ import math
 import multiprocessing
 import os
 import platform
-import queue
 import random
 import re
 import shutil
@@ -47,7 +46,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -500,7 +498,7 @@ def crash_trials(workdir, trials, seed=0, workers=2, retry=True, cli_verify=Fals
         op, mode, s = item
         try:
             res = crash_trial(setup, op, mode, s, workdir, retry=retry, cli_verify=cli_verify, launcher=launcher)
-        except Exception as e:  # noqa: BLE001 -- a harness error is a failed trial, reported
+        except Exception:  # noqa: BLE001 -- a harness error is a failed trial, reported
             res = {"op": op, "mode": mode, "seed": s, "problems": [f"harness error: {traceback.format_exc()[-1500:]}"], "lost": []}
         if not keep and not res["problems"]:
             for leftover in Path(workdir).glob(f"trial-{s}-{op}-{mode}*"):

@@ -1,11 +1,9 @@
 """The Task Vector Bases seed methods as ingest methods: stored in the same store, rebuilt and composed."""
 
 import pytest
-import torch
 
 from tvbase.cli import main
 from tvbase.errors import InvalidInputError
-from tvbase.ingest.factorize import FitParams
 from tvbase.store import Store
 
 METHODS = ["pca", "autoencoder", "cluster-merge"]
