@@ -44,6 +44,7 @@ import torch
 
 from tvbase import FitParams, Store
 from tvbase.factors import matrix_shape
+from tvbase.ingest.quantize import QuantizedMatrix, dequantize, quantize
 from tvbase.ingest.seed import ties_merge
 
 __all__ = [
@@ -209,23 +210,22 @@ class Int8(Compressor):
 
     def fit(self, task_vectors):
         self._start(task_vectors)
+        self._q_shapes = {}
         for t, tensors in task_vectors.items():
             for name, x in tensors.items():
                 rows = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)  # (r, c)
-                scale = rows.abs().amax(dim=1) / 127.0  # (r,)
-                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-                codes = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-                self.packed_[t, name, "scale"] = _numpy32(scale)
-                self.packed_[t, name, "codes"] = codes.numpy()
+                # tvbase's quantizer scales per column: transpose so each row gets its scale
+                q = quantize(rows.T.contiguous(), 8)  # codes (c, r), scales (r,)
+                self.packed_[t, name, "q"] = np.frombuffer(q.to_bytes(), dtype=np.uint8)
+                self._q_shapes[t, name] = q.shape
         return self
 
     def rebuild(self, task):
         self._check_task(task)
         out = {}
         for name, shape in self.shapes_.items():
-            codes = torch.from_numpy(self.packed_[task, name, "codes"]).float()  # (r, c)
-            scale = torch.from_numpy(self.packed_[task, name, "scale"])  # (r,)
-            out[name] = (codes * scale[:, None]).reshape(shape)
+            q = QuantizedMatrix.from_bytes(self.packed_[task, name, "q"], 8, self._q_shapes[task, name])
+            out[name] = dequantize(q).T.reshape(shape)  # (r, c) -> tensor shape
         return out
 
 
