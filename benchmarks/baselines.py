@@ -161,35 +161,26 @@ class Fp32(Compressor):
 
     family = "raw fp32"
     reference = "uncompressed"
+    dtype = "<f4"  # how each entry is stored
 
     def fit(self, task_vectors):
         self._start(task_vectors)
         for t, tensors in task_vectors.items():
             for name, x in tensors.items():
-                self.packed_[t, name] = _numpy32(x)
-        return self
-
-    def rebuild(self, task):
-        self._check_task(task)
-        return {n: torch.from_numpy(self.packed_[task, n].copy()).reshape(s) for n, s in self.shapes_.items()}
-
-
-class Fp16(Compressor):
-    """Task vectors cast to IEEE float16 (half of fp32)."""
-
-    family = "fp16"
-    reference = "IEEE 754 half precision"
-
-    def fit(self, task_vectors):
-        self._start(task_vectors)
-        for t, tensors in task_vectors.items():
-            for name, x in tensors.items():
-                self.packed_[t, name] = _numpy32(x).astype("<f2")
+                self.packed_[t, name] = _numpy32(x).astype(self.dtype)
         return self
 
     def rebuild(self, task):
         self._check_task(task)
         return {n: torch.from_numpy(self.packed_[task, n].astype(np.float32)).reshape(s) for n, s in self.shapes_.items()}
+
+
+class Fp16(Fp32):
+    """Task vectors cast to IEEE float16 (half of fp32)."""
+
+    family = "fp16"
+    reference = "IEEE 754 half precision"
+    dtype = "<f2"
 
 
 class Int8(Compressor):
