@@ -2,8 +2,7 @@
 
 import torch
 
-from .errors import InvalidInputError
-from .sources import Checkpoint, check_compatible, save_checkpoint
+from .sources import save_checkpoint
 
 
 def apply_composition(store, coefficients, base, output, device=None, max_shard_bytes=2 * 1024**3):
@@ -21,13 +20,7 @@ def apply_composition(store, coefficients, base, output, device=None, max_shard_
     -------
     list of Path, the files written. Each tensor keeps the base's dtype.
     """
-    with Checkpoint.open(base) as ckpt:
-        check_compatible(store.meta["base"]["tensors"], ckpt, f"base ({base})")
-        if ckpt.fingerprint()["hash"] != store.meta["base"]["hash"]:
-            raise InvalidInputError(
-                f"base at {base} has different values than the base the store was created with "
-                "(content hash differs); task vectors only make sense on their own base"
-            )
+    with store.open_base(base) as ckpt:
 
         def tensors():
             for name, delta in store.iter_composition(coefficients, device=device):

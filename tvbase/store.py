@@ -531,7 +531,7 @@ class Store:
                 params.bits = params.dense_bits = 32
         validate_params(params)
         device = _device(device)
-        base_ckpt = self._open_base(base)
+        base_ckpt = self.open_base(base)
         checkpoints = {}
         try:
             for name, path in items.items():
@@ -639,7 +639,7 @@ class Store:
         """Originals that are still on disk unchanged, the stored rebuild for the rest."""
         originals, base = {}, None
         try:
-            base = self._open_base(None)
+            base = self.open_base(None)
         except TvbaseError:
             pass  # base moved or changed: refit every task from its rebuild
         for task in tasks if base is not None else []:
@@ -654,11 +654,15 @@ class Store:
                 ckpt.close()
         return _CompactSource(base, originals, _StoreSource(self, device))
 
-    def _open_base(self, base):
+    def open_base(self, base=None):
+        """Open the base checkpoint (``base``, or the path recorded at init) after checking that it
+        is this store's base: same tensors and same content hash. The caller closes it."""
         path = base or self.meta["base"]["path"]
         try:
             ckpt = Checkpoint.open(path)
         except NotFoundError:
+            if base:
+                raise
             raise NotFoundError(
                 f"the store's base model is not at {path} any more; pass its new location with --base"
             ) from None
