@@ -12,7 +12,6 @@ from tvbase.ingest.budget import allocate_ranks, cumulative, uniform_ranks
 from tvbase.ingest.factorize import FitParams
 from tvbase.store import Store
 
-BUDGET_SLACK = 0.005  # fraction of raw: the allocator counts exact payload bytes, so ~0 is expected
 
 
 def _frobenius_rel_error(rebuilt, true):
@@ -31,33 +30,37 @@ def _build(tmp_path, zoo, params):
 
 
 # -- budgets -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("budget", [0.1, 0.25, 0.6])
+@pytest.mark.parametrize("budget", [0.25, 0.4, 0.6])
 def test_budget_respected(tmp_path, zoo, budget):
+    """The budget counts the store on disk: compressed payload, offset table, metadata."""
     store, first = _build(tmp_path, zoo, FitParams(budget=budget, n_clusters=2))
-    # shared fit: every stored byte (shared bases, cores, residuals, dense tensors) counts
     assert first["tasks"] == len(zoo.first)
-    assert first["factor_storage"] <= budget + BUDGET_SLACK
-    # the budget is actually used (dense tensors alone are ~5%): not a trivially empty store
-    assert first["factor_storage"] >= 0.5 * budget
-    # per-task SVD ingest: the new task's own bytes stay within the budget too
+    # the first (shared) fit: the whole store directory stays within the budget...
+    assert first["disk_bytes"] <= budget * first["raw_fp32_bytes"]
+    # ...and uses it (bookkeeping alone is ~12% of raw on this tiny zoo): not a trivially small store
+    assert first["disk_bytes"] >= 0.9 * budget * first["raw_fp32_bytes"]
+    # per-task SVD ingest: the new task's own factor bytes stay within the budget too
     info = store.info()
     new_bytes = info["factor_bytes"] - first["factor_bytes"]
     raw_new = info["raw_fp32_bytes"] - first["raw_fp32_bytes"]
     assert raw_new == len(zoo.later) * first["raw_fp32_bytes"] // len(zoo.first)
-    assert 0 < new_bytes <= (budget + BUDGET_SLACK) * raw_new
+    assert 0 < new_bytes <= budget * raw_new
     rows = {r["name"]: r for r in store.ls()}
     for t in zoo.later:
         assert rows[t]["kind"] == "svd" and rows[t]["cluster"] is None
-        assert rows[t]["storage"] <= budget + BUDGET_SLACK
+        assert rows[t]["storage"] <= budget
     # the ls byte accounting adds up to the live factor bytes
     assert sum(r["stored_bytes"] for r in rows.values()) == pytest.approx(info["factor_bytes"], abs=len(rows))
+    # without its history, the store holding every task is within the budget of all of them
+    store.gc(keep=1)
+    assert store.info()["disk_bytes"] <= budget * info["raw_fp32_bytes"]
 
 
 def test_larger_budget_lowers_error(tmp_path, zoo):
     # bits pinned: this is about rank allocation; with int4 factors the quantization error of
     # the per-task SVD factors (~10% on this zoo) dominates whatever the rank
     errors = {}
-    for budget in (0.15, 0.5):
+    for budget in (0.3, 0.7):
         store, _ = _build(tmp_path, zoo, FitParams(budget=budget, bits=8, dense_bits=16, n_clusters=2))
         rows = store.ls()
         errors[budget] = {
@@ -65,9 +68,9 @@ def test_larger_budget_lowers_error(tmp_path, zoo):
             "svd": np.mean([r["rel_error"] for r in rows if r["kind"] == "svd"]),
         }
     for kind in ("shared", "svd"):
-        assert errors[0.5][kind] < 0.8 * errors[0.15][kind], errors
-    # the zoo is low rank + 4% noise: a 50% budget must get close
-    assert errors[0.5]["shared"] < 0.02
+        assert errors[0.7][kind] < 0.8 * errors[0.3][kind], errors
+    # the zoo is low rank + 4% noise: a 70% budget (bookkeeping is ~20% of it here) must get close
+    assert errors[0.7]["shared"] < 0.02
 
 
 def test_recorded_rel_error_is_the_actual_error(populated, zoo):

@@ -35,9 +35,9 @@ import icechunk
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from . import __version__
+from .codec import PAYLOAD_CHUNK, zarr_compressors
 from .errors import (
     AlreadyExistsError,
     FormatVersionError,
@@ -49,8 +49,8 @@ from .errors import (
 )
 from .factors import SharedBasis, TaskTensor, matrix_shape
 from .ingest.factorize import FitParams, fit, fit_seed, raw_bytes
-from .ingest.seed import SEED_METHODS
 from .ingest.quantize import QuantizedMatrix, payload_nbytes
+from .ingest.seed import SEED_METHODS
 from .reconstruct import rebuild_tensor
 from .sources import Checkpoint, check_compatible, task_vector
 
@@ -59,7 +59,6 @@ INDEX_COLUMNS = ("owner_kind", "owner_id", "tensor", "role", "rows", "cols", "bi
 OWNER_SHARED, OWNER_TASK = 0, 1
 # role column value = position in this tuple; append only, never reorder (on-disk format)
 ROLES = ("U", "V", "core", "A", "B", "dense", "S", "mu")
-PAYLOAD_CHUNK = 2 * 1024 * 1024  # bytes; DESIGN asks for 1-8 MiB chunks
 INDEX_CHUNK = 16384  # rows
 _CHUNK_CACHE = 8  # decoded payload chunks kept per open store (16 MiB)
 
@@ -734,7 +733,7 @@ def _resolve_version(repo, at):
 
 
 def _codecs():
-    return {"compressors": [ZstdCodec(level=3), Crc32cCodec()]}
+    return {"compressors": zarr_compressors()}
 
 
 def _create_arrays(root):
@@ -795,14 +794,16 @@ def _write_fit(root, meta, result, shapes, params, sources, append, previous=Non
             for role, q in basis.parts():
                 add(OWNER_SHARED, cid, name, role, q)
         meta["clusters"][str(cid)] = {"tasks": [t for t, lab in result.labels.items() if lab == c], "method": method, **result.info}
+    task_ids = {}
     for task, tensors in result.tasks.items():
-        tid = meta["next_task_id"]
+        tid = task_ids[task] = meta["next_task_id"]
         meta["next_task_id"] += 1
         coefficients = None
         for name, tt in tensors.items():
             coefficients = tt.coef if tt.coef is not None else coefficients
             for role, q in tt.parts():
-                add(OWNER_TASK, tid, name, role, q)
+                if role != "dense":
+                    add(OWNER_TASK, tid, name, role, q)
         label = result.labels[task]
         meta["tasks"][task] = {
             "id": tid,
@@ -816,6 +817,12 @@ def _write_fit(root, meta, result, shapes, params, sources, append, previous=Non
             "params": params.to_dict(),
             **({"coefficients": list(coefficients)} if coefficients is not None else {}),
         }
+    # Dense int8 tensors go after every int4 factor: mixed into one zstd block, the two kinds of
+    # codes compress measurably worse (2% of the payload on the 25-task ViT zoo).
+    for task, tensors in result.tasks.items():
+        for name, tt in tensors.items():
+            if tt.dense is not None:
+                add(OWNER_TASK, task_ids[task], name, "dense", tt.dense)
     new = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
     start = offset - len(new)
     payload.resize((offset,))

@@ -18,6 +18,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..codec import (
+    INDEX_ROW_DISK_BYTES,
+    TASK_METADATA_DISK_BYTES,
+    commit_disk_bytes,
+    compressed_nbytes,
+    store_disk_bytes,
+)
 from ..errors import InvalidInputError
 from ..factors import SharedBasis, TaskTensor, matrix_shape
 from ..reconstruct import rebuild_tensor
@@ -25,13 +32,17 @@ from .budget import allocate_ranks, cumulative, uniform_ranks
 from .cluster import TaskClusterer, TaskSketcher
 from .quantize import dequantize, payload_nbytes, quantize
 
+# A fit that leaves more than this share of its budget unused is repeated (so is one over it).
+_BUDGET_TOLERANCE = 0.01
+
 
 @dataclass
 class FitParams:
     """How task vectors are factorized. Recorded in the store so rebuilds never need flags.
 
     budget : float or None
-        Stored bytes as a fraction of the raw fp32 bytes of the fitted task vectors (0.03 = 3%).
+        Stored bytes as a fraction of the raw fp32 bytes of the fitted task vectors (0.03 = 3%),
+        counted as they lie on disk: after the store's zstd compression, which the fit predicts.
     rank : int or None
         Explicit rank for every matrix (shared rank, or per-task SVD rank); overrides ``budget``.
     residual_rank : int
@@ -53,7 +64,7 @@ class FitParams:
     residual_rank: int = 0
     residual_share: float = 0.25
     bits: int = 4  # int4 factors: twice the rank of int8 at equal bytes; measured better (benchmarks/RESULTS.md)
-    dense_bits: int = 8
+    dense_bits: int = 4  # biases and norms: int4 frees budget for rank; measured no worse (benchmarks/RESULTS.md)
     max_rank: int = 256
     n_clusters: int | str = "auto"
     seed: int = 0
@@ -121,6 +132,7 @@ class _Fit:
         self.dense = [name for name in shapes if name not in self.matrices]
         self.result = FitResult(tasks={t: {name: TaskTensor() for name in shapes} for t in tasks})
         self.layer_energy = {}  # (task, name) -> ||tau||^2
+        self._shared_candidates = None  # what _shared_bases computed, reused by every budget
 
     # -- helpers -------------------------------------------------------------------------
     def _bar(self, total, desc):
@@ -147,25 +159,69 @@ class _Fit:
     def run(self, shared):
         labels = self._scan(shared)
         self.result.labels = labels
-        factor_budget = None
-        if self.p.rank is None:
-            factor_budget = self._budget_bytes() - self._dense_bytes()
-            if factor_budget <= 0:
-                need = self._dense_bytes() / (raw_bytes(self.shapes) * len(self.tasks))
-                raise InvalidInputError(
-                    f"budget {self.p.budget:.2%} is too small: the densely stored tensors (biases, norms) "
-                    f"alone need {need:.2%} at {self.p.dense_bits} bits; raise --budget or lower --dense-bits"
-                )
+        if self.p.rank is not None:
+            self._fit_factors(shared, None)
+        else:
+            self._fit_to_budget(shared)
+        self._measure_error()
+        return self.result
+
+    def _fit_to_budget(self, shared):
+        """Fit so that the store grows by at most ``budget`` of the raw bytes on disk.
+
+        Ranks are allocated in payload bytes, but the store compresses its payload and adds an
+        offset-table row per factor, metadata per task and, for a shared fit, its own files. The
+        compression is predicted by a probe, then the fit is repeated (at most twice) with its
+        payload budget scaled by what its factors measured on disk against what was allowed.
+        """
+        fixed = (
+            self._dense_bytes()
+            + len(self.dense) * len(self.tasks) * INDEX_ROW_DISK_BYTES
+            + len(self.tasks) * TASK_METADATA_DISK_BYTES
+            # a shared fit starts a store (or rewrites it, for compact): its own files count too
+            + (commit_disk_bytes(len(self.shapes)) + store_disk_bytes(len(self.shapes)) if shared else 0)
+        )
+        if fixed >= self._budget_bytes():
+            need = fixed / (raw_bytes(self.shapes) * len(self.tasks))
+            raise InvalidInputError(
+                f"budget {self.p.budget:.2%} is too small: the densely stored tensors (biases, norms) and "
+                f"the store's bookkeeping alone need {need:.2%} at {self.p.dense_bits} bits; raise --budget "
+                "or lower --dense-bits"
+            )
+        allowed = self._budget_bytes() - fixed
+        n_rows = 3 * len(self.matrices) * len(self.tasks)  # core, A, B per task and matrix, at most
+        payload_budget = (allowed - n_rows * INDEX_ROW_DISK_BYTES) / self._probe_ratio()
+        for _ in range(3):
+            self._fit_factors(shared, payload_budget)
+            payloads = [q.to_bytes() for q in self._factor_payloads()]
+            on_disk = compressed_nbytes(payloads) + len(payloads) * INDEX_ROW_DISK_BYTES
+            if allowed * (1 - _BUDGET_TOLERANCE) <= on_disk <= allowed:
+                break
+            payload_budget *= allowed * (1 - _BUDGET_TOLERANCE / 2) / max(on_disk, 1)  # aim mid-band
+
+    def _fit_factors(self, shared, factor_budget):
+        """Shared bases, cores and per-task low-rank terms within ``factor_budget`` payload bytes
+        (None: explicit ranks); replaces any factors of an earlier attempt."""
+        self.result.clusters = {}
+        for tensors in self.result.tasks.values():
+            for tt in tensors.values():
+                tt.core = tt.A = tt.B = None
         spent = 0.0
         if shared:
             budget = None if factor_budget is None else factor_budget * (1 - self.p.residual_share)
-            spent = self._fit_shared(labels, budget)
+            spent = self._fit_shared(self.result.labels, budget)
         residual_budget = None if factor_budget is None else factor_budget - spent
         rank = self.p.rank if not shared else self.p.residual_rank
         if factor_budget is not None or rank:
             self._fit_lowrank(residual_budget, rank, shared)
-        self._measure_error()
-        return self.result
+
+    def _factor_payloads(self):
+        for basis_by_name in self.result.clusters.values():
+            for basis in basis_by_name.values():
+                yield from (q for q in (basis.U, basis.V) if q is not None)
+        for tensors in self.result.tasks.values():
+            for tt in tensors.values():
+                yield from (q for q in (tt.core, tt.A, tt.B) if q is not None)
 
     def _scan(self, shared):
         """Pass 1 over every tensor: energies, dense tensors and, for a shared fit, the clusters."""
@@ -198,16 +254,49 @@ class _Fit:
         return {t: int(c) for t, c in zip(self.tasks, clusterer.labels_)}
 
     def _dense_bytes(self):
-        per_task = sum(payload_nbytes(int(torch.Size(self.shapes[n]).numel()), 1, self.p.dense_bits) for n in self.dense)
-        return per_task * len(self.tasks)
+        """Compressed bytes of every task's densely stored tensors (quantized by the scan)."""
+        return compressed_nbytes(self.result.tasks[t][n].dense.to_bytes() for t in self.tasks for n in self.dense)
+
+    def _probe_ratio(self, probe_rank=16):
+        """Predicted compressed / payload size of the factors.
+
+        Measured on a probe: the leading singular factors of every matrix of the first task,
+        quantized as the fit quantizes them.
+        """
+        payloads = []
+        for name, (m, n) in self.matrices.items():
+            u, s, v = _truncated_svd(self._read(self.tasks[0], name), min(probe_rank, m, n))
+            payloads += [quantize((u * s).cpu(), self.p.bits).to_bytes(), quantize(v.cpu(), self.p.bits).to_bytes()]
+        raw = sum(len(p) for p in payloads)
+        return min(1.0, compressed_nbytes(payloads) / raw) if raw else 1.0
 
     def _fit_shared(self, labels, budget):
         """Passes 2-4: shared bases, cores, rank allocation. Returns the bytes spent."""
+        if self._shared_candidates is None:  # independent of the budget: kept for a repeated fit
+            self._shared_candidates = self._shared_bases(labels)
+        items = self._shared_candidates
+        bits = self.p.bits
+        curves = [(it[7], it[8]) for it in items]
+        ranks = uniform_ranks(curves, self.p.rank) if budget is None else allocate_ranks(curves, budget)
+        spent = 0.0
+        for (c, name, qU, qV, cores, ru, rv, cost, _), r in zip(items, ranks):
+            a, b = int(ru[r]), int(rv[r])
+            if a == 0 or b == 0:
+                continue  # nothing kept for this tensor in this cluster
+            spent += cost[r]
+            self.result.clusters.setdefault(c, {})[name] = SharedBasis(U=_keep_columns(qU, a), V=_keep_columns(qV, b))
+            for t, C in cores.items():
+                self.result.tasks[t][name].core = quantize(C[:a, :b].contiguous().cpu(), bits)
+        return spent
+
+    def _shared_bases(self, labels):
+        """Per tensor and cluster: shared U, V at the largest rank, the tasks' cores, and the
+        cost and captured-energy curves of every rank."""
         bits = self.p.bits
         members = {}
         for t, c in labels.items():
             members.setdefault(c, []).append(t)
-        items = []  # (cluster, name, U_hat, V_hat, qU, qV, cores, cost, gain)
+        items = []  # (cluster, name, qU, qV, cores, ru, rv, cost, gain)
         bar = self._bar(2 * len(self.tasks) * len(self.matrices), "shared basis")
         for name, (m, n) in self.matrices.items():
             for c, group in sorted(members.items()):
@@ -245,19 +334,7 @@ class _Fit:
                     gain[1:] += np.array([block[a - 1, b - 1] for a, b in zip(ru[1:], rv[1:])]) / e
                 items.append((c, name, qU, qV, cores, ru, rv, cost, gain))
         bar.close()
-
-        curves = [(it[7], it[8]) for it in items]
-        ranks = uniform_ranks(curves, self.p.rank) if budget is None else allocate_ranks(curves, budget)
-        spent = 0.0
-        for (c, name, qU, qV, cores, ru, rv, cost, _), r in zip(items, ranks):
-            a, b = int(ru[r]), int(rv[r])
-            if a == 0 or b == 0:
-                continue  # nothing kept for this tensor in this cluster
-            spent += cost[r]
-            self.result.clusters.setdefault(c, {})[name] = SharedBasis(U=_keep_columns(qU, a), V=_keep_columns(qV, b))
-            for t, C in cores.items():
-                self.result.tasks[t][name].core = quantize(C[:a, :b].contiguous().cpu(), bits)
-        return spent
+        return items
 
     def _shared_part(self, task, name):
         """The task's rebuilt shared term for one matrix, or None."""
