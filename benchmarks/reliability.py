@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .report import markers, replace_section
+from tvbase.bench.report import markers, replace_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO_ROOT / "benchmarks" / "RESULTS.md"
@@ -134,11 +134,12 @@ def build_zoo(root, n_tasks=8, seed=0, wide=0):
 
 
 def make_store(path, zoo, ingests=(), removes=()):
-    """Create a store (budget 50%, 2 clusters) and apply ingests (lists of task names) and removes."""
+    """Create a store (budget 50%, 2 clusters, int8 dense tensors) and apply ingests (lists of task
+    names) and removes."""
     from tvbase.ingest.factorize import FitParams
     from tvbase.store import Store
 
-    store = Store.create(path, zoo.base, params=FitParams(budget=0.5, n_clusters=CLUSTERS))
+    store = Store.create(path, zoo.base, params=FitParams(budget=0.5, dense_bits=8, n_clusters=CLUSTERS))
     for names in ingests:
         store.ingest({n: zoo.tasks[n] for n in names}, device=DEVICE, progress=False)
     for name in removes:

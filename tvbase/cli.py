@@ -6,6 +6,7 @@ User errors print one line on stderr, never a traceback.
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -248,6 +249,13 @@ def cmd_demo(args):
     run_demo(cache=args.cache, budget=parse_budget(args.budget) if args.budget else None, json_output=args.json)
 
 
+def cmd_bench_memory_accuracy(args):
+    from .bench.memory_accuracy import run_from_args
+
+    # recorded in the outputs: the command line as given (main() keeps it in args.argv)
+    run_from_args(args, shlex.join(["tvbase", *map(str, args.argv)]))
+
+
 def _add_fit_options(p):
     g = p.add_argument_group("factorization")
     g.add_argument("--budget", help="stored bytes as a fraction of raw fp32 task vectors, e.g. 3%% or 0.03 (default 3%%)")
@@ -255,7 +263,7 @@ def _add_fit_options(p):
     g.add_argument("--residual-rank", type=int, help="with --rank: per-task residual rank on top of the shared fit")
     g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.25)")
     g.add_argument("--bits", help="factor precision: int4 (default), int8, int2, fp16, fp32")
-    g.add_argument("--dense-bits", help="precision of biases and norms: int8 (default), int4, fp16, fp32")
+    g.add_argument("--dense-bits", help="precision of biases and norms: int4 (default), int8, fp16, fp32")
     g.add_argument("--clusters", help="number of task clusters, or auto (eigengap; default)")
     g.add_argument("--max-rank", type=int, help="largest rank considered per matrix (default 256)")
 
@@ -358,6 +366,15 @@ def build_parser():
     p.add_argument("--cache", help="where the zoo is cached (default: $TVBASE_CACHE or ~/.cache/tvbase)")
     p.add_argument("--budget", help="storage budget (default 3%%)")
     listing(p)
+
+    from .bench.memory_accuracy import DESCRIPTION as MEMORY_ACCURACY, add_arguments as memory_accuracy_options
+
+    bench = sub.add_parser("bench", help="run a benchmark (default paths relative to the current directory)",
+                           description="Run one of tvbase's benchmarks.")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    p = benchmarks.add_parser("memory-accuracy", help=MEMORY_ACCURACY, description=MEMORY_ACCURACY)
+    memory_accuracy_options(p)
+    p.set_defaults(func=cmd_bench_memory_accuracy)
     return parser
 
 
@@ -365,11 +382,13 @@ def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = parser._subparsers._group_actions[0].choices
-    if argv and argv[0] in commands:
-        # intermixed: options may come between positionals (`ingest STORE -q a=x b=y`)
+    if argv and argv[0] in commands and commands[argv[0]]._subparsers is None:
+        # intermixed: options may come between positionals (`ingest STORE -q a=x b=y`); not for
+        # a command group such as `bench`, whose subcommand argparse cannot intermix
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = parser.parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except TvbaseError as e:

@@ -40,9 +40,9 @@ import torch
 from safetensors.torch import save_file
 
 from tvbase import FitParams, Store
+from tvbase.bench.report import markers, replace_section
 
 from .model import Dims, Patterns, accuracy, init_params, param_shapes, sample_task, train
-from ..report import markers, replace_section
 
 MARK_START, MARK_END = markers("theory")
 PAPER = "Li et al., When is Task Vector Provably Effective for Model Editing? (ICLR 2025)"
@@ -571,7 +571,7 @@ def to_json(obj, indent=0):
 
 
 def write_section(path, section):
-    """Replace this benchmark's section of ``path`` (see ``benchmarks.report``)."""
+    """Replace this benchmark's section of ``path`` (see :mod:`tvbase.bench.report`)."""
     replace_section(path, "theory", section)
 
 

@@ -1,5 +1,6 @@
-"""The one writer of benchmarks/RESULTS.md sections: each benchmark owns the text between its
-``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and never touches the rest."""
+"""The one writer of RESULTS.md sections (``benchmarks/RESULTS.md`` in the repository): each
+benchmark owns the text between its ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and
+never touches the rest."""
 
 import os
 from pathlib import Path

@@ -42,10 +42,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from tvbase import FitParams, Store
-from tvbase.factors import matrix_shape
-from tvbase.ingest.quantize import QuantizedMatrix, dequantize, quantize
-from tvbase.ingest.seed import ties_merge
+from .. import FitParams, Store
+from ..factors import matrix_shape
+from ..ingest.quantize import QuantizedMatrix, dequantize, quantize
+from ..ingest.seed import ties_merge
 
 __all__ = [
     "BASELINES",
