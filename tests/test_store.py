@@ -74,9 +74,19 @@ def test_open_missing_store(tmp_path):
         Store.open(tmp_path / "file")
 
 
-@pytest.mark.parametrize("params", [FitParams(rank=0), FitParams(budget=1.5), FitParams(bits=3)])
-def test_create_validates_params(tmp_path, zoo, params):
-    with pytest.raises(InvalidInputError):
+@pytest.mark.parametrize(
+    ("params", "phrase"),
+    [
+        (FitParams(rank=0), "rank must be a positive integer"),
+        (FitParams(budget=1.5), "budget must be a fraction"),
+        (FitParams(bits=3), "bits must be one of"),
+        (FitParams(task_weight=float("nan")), "task_weight must be a number in"),
+        (FitParams(tensor_weight="0.5"), "tensor_weight must be a number in"),
+        (FitParams(task_weight=9), "task_weight must be a number in"),
+    ],
+)
+def test_create_validates_params(tmp_path, zoo, params, phrase):
+    with pytest.raises(InvalidInputError, match=phrase):
         Store.create(tmp_path / "s", zoo.base, params=params)
     assert not (tmp_path / "s" / "repo").exists()
 

@@ -694,6 +694,10 @@ def validate_params(p):
         raise InvalidInputError(f"max rank must be a positive integer, got {p.max_rank!r}")
     if not (p.n_clusters == "auto" or (isinstance(p.n_clusters, int) and p.n_clusters >= 1)):
         raise InvalidInputError(f"n_clusters must be 'auto' or a positive integer, got {p.n_clusters!r}")
+    for field in ("task_weight", "tensor_weight"):
+        value = getattr(p, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -4 <= value <= 4:
+            raise InvalidInputError(f"{field} must be a number in [-4, 4], got {value!r}")
 
 
 def _device(device):
