@@ -124,8 +124,9 @@ class Config:
     pca_components: tuple[int, ...] | None = None
     cluster_counts: tuple[int | str, ...] | None = None
 
-    def zoo_dir(self, cache: Path, arch: str) -> Path:
-        return cache / (f"zoo-{arch}" if self.name == "full" else f"zoo-{self.name}-{arch}")
+    def zoo_dir(self, cache: Path, arch: str, seed: int = 0) -> Path:
+        name = f"zoo-{arch}" if self.name == "full" else f"zoo-{self.name}-{arch}"
+        return cache / (name if seed == 0 else f"{name}-seed{seed}")  # one cached zoo per seed
 
 
 FULL = Config(
@@ -133,7 +134,7 @@ FULL = Config(
     tasks=None,
     zoo_epochs=None,
     zoo_pretrain_epochs=None,
-    budgets=(0.01, 0.02, 0.03, 0.05, 0.10),
+    budgets=(0.01, 0.02, 0.03, 0.04, 0.05, 0.10),  # 4%: BitDelta's size, for composition at equal bytes
     grid=tuple(float(a) for a in np.linspace(0, 1, 21)),
 )
 QUICK = Config(  # one variant per method family, few coefficients: CPU seconds, for the tests
@@ -363,7 +364,7 @@ def run_arch(arch: str, cache: Path, config: Config, seed: int = 0, device: str 
 
     started = time.perf_counter()
     zoo = build_zoo(
-        config.zoo_dir(cache, arch),
+        config.zoo_dir(cache, arch, seed),
         arch=arch,
         tasks=config.tasks,
         seed=seed,
@@ -496,8 +497,9 @@ def _notes(results: dict) -> str:
         "library defaults (softmax temperature 5, Adam lr 0.01, 6000 steps, weight decay 1e-6, decoder refitted by least squares). "
         "Cluster mean `--method cluster-merge`: spectral clustering of |cos| (from the Gram; K by eigengap, and fixed "
         "K = T/4, T/2), each task rebuilt as its cluster's mean (K means + one-hot coefficients).",
-        "- tvbase: default FitParams (int4 factors with per-column scales, int8 dense tensors, residual share 0.25, "
-        "clusters by eigengap) at each budget.",
+        "- tvbase: default FitParams (int4 factors with per-column scales, int4 dense tensors, residual share 0.25, "
+        "clusters by eigengap) at each budget. The budget counts the store on disk (zstd-compressed payload, offset "
+        "table, metadata), so storage % stays at or under it; payload % is the factor bytes before compression.",
     ]
     for arch, r in results["archs"].items():
         for m in r["methods"]:
