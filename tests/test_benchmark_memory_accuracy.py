@@ -206,6 +206,29 @@ def test_cli_bench_needs_a_benchmark(capsys):
     assert err.startswith("usage: tvbase bench ") and "arguments are required: BENCHMARK" in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "out", "results_md"),
+    [
+        ([], Path("benchmarks", "results"), Path("benchmarks", "RESULTS.md")),
+        (["--seed", "1"], Path("benchmarks", "results", "seed1"), None),
+        (["--quick", "--cache", "c"], Path("c", "quick-results"), None),
+        (["--seed", "1", "--out", "o", "--results-md", "r.md"], Path("o"), Path("r.md")),
+    ],
+)
+def test_only_the_full_seed0_run_writes_the_default_outputs(monkeypatch, capsys, argv, out, results_md):
+    """A quick or other-seed run never overwrites benchmarks/results or RESULTS.md unless told to."""
+    calls = []
+
+    def fake_run(**kwargs):
+        calls.append(kwargs)
+        return {"archs": {}, "plots": {}, "meta": {"wall_seconds": 0.0}, "json_path": "x.json"}
+
+    monkeypatch.setattr(memory_accuracy, "run", fake_run)
+    monkeypatch.setattr(memory_accuracy, "format_tables", lambda results: "")
+    memory_accuracy.main(argv)
+    assert calls[0]["out"] == out and calls[0]["results_md"] == results_md
+
+
 def test_one_definition_of_the_options():
     """`tvbase bench memory-accuracy` and `python -m benchmarks.memory_accuracy` parse alike; defaults are relative."""
     from tvbase.cli import build_parser

@@ -715,7 +715,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="folder of the cached zoos, built on first use (default: %(default)s under the current directory)")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder for the JSON, markdown and plots (default: benchmarks/results under the "
-                        "current directory; with --quick, CACHE/quick-results)")
+                        "current directory; with --seed N, benchmarks/results/seedN; with --quick, CACHE/quick-results)")
     p.add_argument("--quick", action="store_true",
                    help="toy run: 4 tasks, one-epoch zoo, one variant per method, two tvbase budgets")
     p.add_argument("--seed", type=int, default=0,
@@ -724,7 +724,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where tvbase ingests and rebuilds (default: %(default)s)")
     p.add_argument("--results-md", type=Path, default=None,
                    help="markdown file whose memory-accuracy section is replaced, created with its folder when missing "
-                        "(default: benchmarks/RESULTS.md under the current directory; none with --quick)")
+                        "(default: benchmarks/RESULTS.md under the current directory; none with --quick or --seed N)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -736,8 +736,14 @@ def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace, command: str) -> int:
     """Run with parsed options (from :func:`add_arguments`), print the tables; ``command`` is recorded."""
-    out = args.out or (args.cache / "quick-results" if args.quick else DEFAULT_OUT)
-    results_md = args.results_md or (None if args.quick else DEFAULT_RESULTS_MD)
+    # Only the full seed-0 run owns the default outputs: a quick or other-seed run never
+    # overwrites them unless told to.
+    if args.quick:
+        out, results_md = args.out or args.cache / "quick-results", args.results_md
+    elif args.seed != 0:
+        out, results_md = args.out or DEFAULT_OUT / f"seed{args.seed}", args.results_md
+    else:
+        out, results_md = args.out or DEFAULT_OUT, args.results_md or DEFAULT_RESULTS_MD
     results = run(
         archs=args.archs,
         cache=args.cache,
