@@ -157,7 +157,7 @@ class _Fit:
         without giving them as much as big ones. The task factor gives tasks that moved the
         network further more bytes: their accuracy rests on more of their vector, and the worst
         task of a zoo is one of the highest-energy ones. Measured on six 25-task zoos
-        (benchmarks/RESULTS.md): task exponents 0.375 to 1 beat the earlier -0.5 (relative error
+        (benchmarks/RESULTS.md): task exponents 0.25 to 1 beat the earlier -0.5 (relative error
         per task) on the worst task at 3% and 5%; at 1.5 the smallest tasks starve.
         """
         task_energy, tensor_energy = max(self.task_energy[t], 1e-30), max(self.layer_energy[t, name], 1e-30)
@@ -184,6 +184,7 @@ class _Fit:
         offset-table row per factor, metadata per task and, for a shared fit, its own files. The
         compression is predicted by a probe, then the fit is repeated (at most twice) with its
         payload budget scaled by what its factors measured on disk against what was allowed.
+        A repeat reuses the shared bases and redoes the allocation and the residual pass.
         """
         fixed = (
             self._dense_bytes()
