@@ -83,6 +83,7 @@ def test_open_missing_store(tmp_path):
         (FitParams(task_weight=float("nan")), "task_weight must be a number in"),
         (FitParams(tensor_weight="0.5"), "tensor_weight must be a number in"),
         (FitParams(task_weight=9), "task_weight must be a number in"),
+        (FitParams(sketch_dim=0), "sketch_dim must be a positive integer"),
     ],
 )
 def test_create_validates_params(tmp_path, zoo, params, phrase):

@@ -261,7 +261,7 @@ def _add_fit_options(p):
     g.add_argument("--budget", help="stored bytes as a fraction of raw fp32 task vectors, e.g. 3%% or 0.03 (default 3%%)")
     g.add_argument("--rank", type=int, help="explicit rank for every matrix instead of a budget")
     g.add_argument("--residual-rank", type=int, help="with --rank: per-task residual rank on top of the shared fit")
-    g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.25)")
+    g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.4)")
     g.add_argument("--bits", help="factor precision: int4 (default), int8, int2, fp16, fp32")
     g.add_argument("--dense-bits", help="precision of biases and norms: int4 (default), int8, fp16, fp32")
     g.add_argument("--clusters", help="number of task clusters, or auto (eigengap; default)")

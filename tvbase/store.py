@@ -694,6 +694,8 @@ def validate_params(p):
         raise InvalidInputError(f"max rank must be a positive integer, got {p.max_rank!r}")
     if not (p.n_clusters == "auto" or (isinstance(p.n_clusters, int) and p.n_clusters >= 1)):
         raise InvalidInputError(f"n_clusters must be 'auto' or a positive integer, got {p.n_clusters!r}")
+    if isinstance(p.sketch_dim, bool) or not isinstance(p.sketch_dim, int) or p.sketch_dim < 1:
+        raise InvalidInputError(f"sketch_dim must be a positive integer, got {p.sketch_dim!r}")
     for field in ("task_weight", "tensor_weight"):
         value = getattr(p, field)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -4 <= value <= 4:

@@ -497,7 +497,7 @@ def _notes(results: dict) -> str:
         "library defaults (softmax temperature 5, Adam lr 0.01, 6000 steps, weight decay 1e-6, decoder refitted by least squares). "
         "Cluster mean `--method cluster-merge`: spectral clustering of |cos| (from the Gram; K by eigengap, and fixed "
         "K = T/4, T/2), each task rebuilt as its cluster's mean (K means + one-hot coefficients).",
-        "- tvbase: default FitParams (int4 factors with per-column scales, int4 dense tensors, residual share 0.25, "
+        "- tvbase: default FitParams (int4 factors with per-column scales, int4 dense tensors, residual share 0.4, "
         "clusters by eigengap) at each budget. The budget counts the store on disk (zstd-compressed payload, offset "
         "table, metadata), so storage % stays at or under it; payload % is the factor bytes before compression.",
     ]

@@ -61,19 +61,24 @@ class FitParams:
         With ``budget``: the energy a rank captures in (task, tensor) counts
         ``task_energy ** task_weight / tensor_energy ** tensor_weight`` times when ranks are
         allocated (see ``_Fit._weight``).
+    sketch_dim : int
+        Length of the CountSketch that tasks are clustered by (see ``TaskSketcher``).
+
+    The defaults were measured on six 25-task zoos (benchmarks/RESULTS.md).
     """
 
     budget: float | None = 0.03
     rank: int | None = None
     residual_rank: int = 0
-    residual_share: float = 0.25
+    residual_share: float = 0.4
     bits: int = 4  # int4 factors: twice the rank of int8 at equal bytes; measured better (benchmarks/RESULTS.md)
     dense_bits: int = 4  # biases and norms: int4 frees budget for rank; measured no worse (benchmarks/RESULTS.md)
     max_rank: int = 256
     n_clusters: int | str = "auto"
     seed: int = 0
     task_weight: float = 0.75
-    tensor_weight: float = 0.5
+    tensor_weight: float = 0.75
+    sketch_dim: int = 16384
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -151,14 +156,13 @@ class _Fit:
 
     def _weight(self, t, name):
         """What a captured energy of (task, tensor) is multiplied by before ranks are allocated:
-        ``task_energy ** task_weight / tensor_energy ** tensor_weight`` (defaults 0.75 and 0.5).
+        ``task_energy ** task_weight / tensor_energy ** tensor_weight`` (defaults 0.75, 0.75).
 
-        The square root over the tensor keeps small critical tensors (the head) from starving
-        without giving them as much as big ones. The task factor gives tasks that moved the
-        network further more bytes: their accuracy rests on more of their vector, and the worst
-        task of a zoo is one of the highest-energy ones. Measured on six 25-task zoos
-        (benchmarks/RESULTS.md): task exponents 0.25 to 1 beat the earlier -0.5 (relative error
-        per task) on the worst task at 3% and 5%; at 1.5 the smallest tasks starve.
+        Dividing by a power of the tensor's energy keeps small critical tensors (the head) from
+        starving. The task factor gives tasks that moved the network further more bytes: their
+        accuracy rests on more of their vector, and the worst task of a zoo is often one of the
+        highest-energy ones. The first weighting, 1 / sqrt(tensor * task energy), equalized the
+        tasks' relative errors and left that task furthest behind (benchmarks/RESULTS.md).
         """
         task_energy, tensor_energy = max(self.task_energy[t], 1e-30), max(self.layer_energy[t, name], 1e-30)
         return task_energy ** self.p.task_weight / tensor_energy ** self.p.tensor_weight
@@ -238,7 +242,7 @@ class _Fit:
     def _scan(self, shared):
         """Pass 1 over every tensor: energies, dense tensors and, for a shared fit, the clusters."""
         cluster = shared and len(self.tasks) > 2 and self.p.n_clusters != 1
-        sketcher = TaskSketcher(seed=self.p.seed) if cluster else None
+        sketcher = TaskSketcher(dim=self.p.sketch_dim, seed=self.p.seed) if cluster else None
         sketches = []
         bar = self._bar(len(self.tasks) * len(self.shapes), "scan")
         for t in self.tasks:
