@@ -86,7 +86,7 @@ def settings(cfg):
     for r in cfg.ranks:
         out[f"rank-{r}"] = f"per-task rank-{r} truncated SVD of every weight matrix (tvbase FitParams(rank={r})), fp32 factors"
     out[f"budget-{cfg.budget:.0%}"] = (
-        f"tvbase's default fit, FitParams(budget={cfg.budget:g}): cluster-shared Tucker-2 bases, int4 factors, int8 dense tensors"
+        f"tvbase's default fit, FitParams(budget={cfg.budget:g}): cluster-shared Tucker-2 bases, int4 factors and dense tensors"
     )
     out[f"sparse-{cfg.sparse_keep:.0%}"] = (
         f"magnitude pruning of τ per tensor keeping the top {cfg.sparse_keep:.0%} of entries, done before ingest; "
