@@ -224,6 +224,7 @@ def test_sklearn_clone_compatible_params():
     assert (model.n_clusters, model.max_clusters, model.seed) == (3, 5, 2)
     assert not hasattr(model, "labels_")  # __init__ only stores parameters
     assert "n_clusters=3" in repr(model)
+    assert repr(TaskClusterer(min_clusters=2)).endswith("seed=0, min_clusters=2)")  # every parameter shows
 
 
 @pytest.mark.parametrize(

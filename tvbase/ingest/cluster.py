@@ -19,6 +19,7 @@ Example
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import warnings
 
@@ -69,7 +70,16 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> int:
     return value
 
 
-class TaskSketcher:
+class _ParamsRepr:
+    """``repr`` listing every ``__init__`` parameter in signature order, as scikit-learn
+    estimators store them: one place instead of a hand-kept list per class."""
+
+    def __repr__(self) -> str:
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
+
+
+class TaskSketcher(_ParamsRepr):
     """CountSketch of a task vector, computed one tensor at a time.
 
     Every element ``i`` of tensor ``tensor_index`` goes to bucket ``h(i)`` in ``[0, dim)`` with sign
@@ -98,9 +108,6 @@ class TaskSketcher:
         # No fit step: validate here, at the boundary.
         self.dim = _check_int("dim", dim, 1)
         self.seed = _check_int("seed", seed, 0)
-
-    def __repr__(self) -> str:
-        return f"TaskSketcher(dim={self.dim}, seed={self.seed})"
 
     @torch.no_grad()
     def sketch_tensor(self, tensor_index: int, tensor: torch.Tensor) -> torch.Tensor:
@@ -170,7 +177,7 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return np.array([order[label] for label in labels.tolist()], dtype=np.int64)
 
 
-class TaskClusterer:
+class TaskClusterer(_ParamsRepr):
     """Spectral clustering of tasks on the ``|cosine|`` of their sketches.
 
     Parameters
@@ -214,12 +221,6 @@ class TaskClusterer:
         self.n_clusters = n_clusters
         self.max_clusters = max_clusters
         self.seed = seed
-
-    def __repr__(self) -> str:
-        return (
-            f"TaskClusterer(n_clusters={self.n_clusters!r}, max_clusters={self.max_clusters!r}, "
-            f"seed={self.seed!r})"
-        )
 
     def _validate(self, sketches) -> tuple[np.ndarray, int | None, int, int]:
         """Check inputs and parameters; return the sketches as float64 and the clean parameters."""

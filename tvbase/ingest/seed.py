@@ -38,7 +38,7 @@ import torch
 
 from tvbase.errors import InvalidInputError, NotFoundError
 
-from .cluster import TaskClusterer, _check_int
+from .cluster import TaskClusterer, _check_int, _ParamsRepr
 
 __all__ = [
     "SEED_METHODS",
@@ -190,7 +190,7 @@ def gram_matrix(source, tasks, shapes, *, device="cpu", max_block_bytes: int = 1
 # -- pass 2: estimators on the Gram -------------------------------------------------------------
 
 
-class PCABasis:
+class PCABasis(_ParamsRepr):
     """Centered PCA of the task vectors, from their Gram (Zeng et al., 2025).
 
     With ``C = I - 11^T / T`` the centering matrix, ``Gc = C G C`` is the Gram of the centered
@@ -222,9 +222,6 @@ class PCABasis:
 
     def __init__(self, n_components: int | None = None):
         self.n_components = n_components
-
-    def __repr__(self) -> str:
-        return f"PCABasis(n_components={self.n_components!r})"
 
     def fit(self, gram, y=None) -> "PCABasis":
         """Fit from the Gram.
@@ -267,7 +264,7 @@ class PCABasis:
         }
 
 
-class GramAutoencoder:
+class GramAutoencoder(_ParamsRepr):
     """The Gram autoencoder of Zeng et al. (2025): convex mixtures of tasks as the basis.
 
     An encoder ``B = softmax(A / tau, dim=0)`` (T, M) mixes the tasks into ``M`` basis vectors
@@ -349,13 +346,6 @@ class GramAutoencoder:
         self.weight_decay = weight_decay
         self.refit_decoder = refit_decoder
         self.seed = seed
-
-    def __repr__(self) -> str:
-        return (
-            f"GramAutoencoder(n_components={self.n_components!r}, tau={self.tau!r}, lr={self.lr!r}, "
-            f"steps={self.steps!r}, weight_decay={self.weight_decay!r}, "
-            f"refit_decoder={self.refit_decoder!r}, seed={self.seed!r})"
-        )
 
     def fit(self, gram, y=None) -> "GramAutoencoder":
         """Train on the Gram.
@@ -464,7 +454,7 @@ def _train_autoencoder(g, logits, decoder, tau, lr, steps, weight_decay):
     return params
 
 
-class ClusterMerge:
+class ClusterMerge(_ParamsRepr):
     """Cluster the tasks, merge each cluster into one basis vector (Zeng et al., 2025).
 
     Spectral clustering on the ``|cosine|`` similarity of the task vectors,
@@ -521,12 +511,6 @@ class ClusterMerge:
         self.density = density
         self.max_clusters = max_clusters
         self.seed = seed
-
-    def __repr__(self) -> str:
-        return (
-            f"ClusterMerge(n_components={self.n_components!r}, merge={self.merge!r}, "
-            f"density={self.density!r}, max_clusters={self.max_clusters!r}, seed={self.seed!r})"
-        )
 
     def fit(self, gram, y=None) -> "ClusterMerge":
         """Cluster from the Gram.
