@@ -232,12 +232,13 @@ class _Fit:
             self._fit_lowrank(residual_budget, rank, shared)
 
     def _factor_payloads(self):
+        """Every fitted factor but the dense tensors, in the order the store writes them."""
         for basis_by_name in self.result.clusters.values():
             for basis in basis_by_name.values():
-                yield from (q for q in (basis.U, basis.V) if q is not None)
+                yield from (q for _, q in basis.parts())
         for tensors in self.result.tasks.values():
             for tt in tensors.values():
-                yield from (q for q in (tt.core, tt.A, tt.B) if q is not None)
+                yield from (q for role, q in tt.parts() if role != "dense")
 
     def _scan(self, shared):
         """Pass 1 over every tensor: energies, dense tensors and, for a shared fit, the clusters."""
