@@ -30,27 +30,15 @@ from pathlib import Path
 import torch
 
 from tvbase import FitParams, Store
-from tvbase.zoo import Zoo, _task_data
+from tvbase.bench.memory_accuracy import relative_error
+from tvbase.zoo import Zoo
 
 SPLITS = ("val", "test")
 
 
-@torch.no_grad()
 def _predictions(zoo, delta, task):
     """split -> (predicted labels, true labels) of base + ``delta`` on ``task``."""
-    base = zoo._base_weights()
-    model = zoo._model_instance()
-    model.load_state_dict({k: base[k] + delta[k].float() for k in base})
-    out = {}
-    for split in SPLITS:
-        x, y = _task_data(task, split)
-        out[split] = (model(x).argmax(1), y)
-    return out
-
-
-def _rel_error(tau_hat, tau):
-    err = sum(float((tau_hat[n].float() - t).square().sum()) for n, t in tau.items())
-    return (err / sum(float(t.square().sum()) for t in tau.values())) ** 0.5
+    return {split: zoo.predict(delta, task, split, delta=True) for split in SPLITS}
 
 
 def parse_variant(text):
@@ -83,7 +71,7 @@ def measure(zoo, reference, params):
                 "test": float((pred["test"][0] == pred["test"][1]).double().mean()) / zoo.finetuned_accuracy[task],
                 "600": correct / correct_ref,
                 "agree": sum(int((pred[s][0] == ref[s][0]).sum()) for s in SPLITS) / n,
-                "rel_error": _rel_error(tau_hat, zoo.task_vector(task)),
+                "rel_error": relative_error(tau_hat, zoo.task_vector(task)),
             }
     summary = {}
     for key in ("test", "600", "agree"):

@@ -87,6 +87,17 @@ def test_evaluate_with_deltas_matches_recorded_accuracies(tiny_zoo):
     assert 0.0 <= tiny_zoo.evaluate(base, "hflip", split="val") <= 1.0
 
 
+def test_predict_gives_the_labels_evaluate_scores(tiny_zoo):
+    name = TINY_TASKS[0]
+    tau = tiny_zoo.task_vector(name)
+    predicted, targets = tiny_zoo.predict(tau, name, split="val", delta=True)
+    assert predicted.shape == targets.shape == (300,) and predicted.dtype == torch.int64
+    assert float((predicted == targets).double().mean()) == tiny_zoo.evaluate(tau, name, split="val", delta=True)
+    # base + tau, given as a delta or as full weights, labels every image the same way
+    full = {k: v + tau[k] for k, v in tiny_zoo.load_base().items()}
+    assert torch.equal(tiny_zoo.predict(full, name, split="val")[0], predicted)
+
+
 def test_evaluate_rejects_bad_input(tiny_zoo):
     base = tiny_zoo.load_base()
     with pytest.raises(NotFoundError, match="valid tasks"):

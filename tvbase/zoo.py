@@ -503,6 +503,26 @@ class Zoo:
     ) -> float:
         """Accuracy of the zoo's architecture with the given weights on one task.
 
+        Parameters are those of :meth:`predict`.
+
+        Returns
+        -------
+        float
+            Fraction of the split labelled correctly, in [0, 1].
+        """
+        predicted, targets = self.predict(weights, task, split, delta)
+        return float((predicted == targets).double().mean())
+
+    @torch.no_grad()
+    def predict(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        task: str,
+        split: str = "test",
+        delta: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels the zoo's architecture with the given weights predicts on one task's split.
+
         Parameters
         ----------
         weights : mapping of str to torch.Tensor
@@ -512,14 +532,14 @@ class Zoo:
         task : str
             Any task of :data:`TASKS` (not only this zoo's), or ``"digits"`` for the control task.
         split : {"test", "val", "train"}
-            Which images to score.
+            Which images to label.
         delta : bool
             Whether ``weights`` is a task vector rather than a state dict.
 
         Returns
         -------
-        float
-            Fraction of the split labelled correctly, in [0, 1].
+        (predicted, targets) : two torch.Tensor of shape (N,), int64
+            The predicted labels and the task's true labels of the split's N images.
         """
         if split not in SPLITS:
             raise InvalidInputError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
@@ -541,7 +561,9 @@ class Zoo:
             state[key] = ref + value if delta else value
         model = self._model_instance()
         model.load_state_dict(state)
-        return _accuracy(model, task, split)
+        model.eval()
+        inputs, targets = _task_data(task, split)
+        return model(inputs).argmax(dim=1), targets
 
     def _base_weights(self) -> dict[str, torch.Tensor]:
         if self._base is None:

@@ -73,7 +73,7 @@ from .report import markers, replace_section
 
 __all__ = [
     "run", "main", "add_arguments", "build_parser", "run_from_args", "TvbaseStore", "Config", "FULL", "QUICK",
-    "format_tables", "update_results_md",
+    "format_tables", "update_results_md", "relative_error",
 ]
 
 # Relative to the current directory (resolved when used): the repository's folders when run from
@@ -198,7 +198,8 @@ def _scaled(tensors, alpha):
     return {name: alpha * t for name, t in tensors.items()}
 
 
-def _rel_error(tau_hat, tau):
+def relative_error(tau_hat, tau):
+    """||tau_hat - tau|| / ||tau|| over every tensor of a task vector (0 for a zero vector)."""
     err = sum(float((tau_hat[n].float().cpu() - t).square().sum()) for n, t in tau.items())
     total = sum(float(t.square().sum()) for t in tau.values())
     return (err / total) ** 0.5 if total > 0 else 0.0
@@ -271,7 +272,7 @@ def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -
         per_task[task] = {
             "accuracy": acc,
             "normalized": acc / zoo.finetuned_accuracy[task],
-            "rel_error": _rel_error(tau_hat, tvs[task]),
+            "rel_error": relative_error(tau_hat, tvs[task]),
         }
         if task == NEGATION_TARGET:
             rebuilt[task] = tau_hat
