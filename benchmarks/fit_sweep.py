@@ -31,7 +31,7 @@ import torch
 
 from tvbase import FitParams, Store
 from tvbase.bench.memory_accuracy import relative_error
-from tvbase.zoo import Zoo
+from tvbase.demo.zoo import Zoo
 
 SPLITS = ("val", "test")
 

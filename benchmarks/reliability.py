@@ -136,7 +136,7 @@ def build_zoo(root, n_tasks=8, seed=0, wide=0):
 def make_store(path, zoo, ingests=(), removes=()):
     """Create a store (budget 50%, 2 clusters, int8 dense tensors) and apply ingests (lists of task
     names) and removes."""
-    from tvbase.ingest.factorize import FitParams
+    from tvbase.methods import FitParams
     from tvbase.store import Store
 
     store = Store.create(path, zoo.base, params=FitParams(budget=0.5, dense_bits=8, n_clusters=CLUSTERS))
@@ -209,7 +209,7 @@ def call_cli(*args):
 # process forked from a fork server that has already imported torch and tvbase, running
 # `tvbase.cli.main(argv)`; it is as separate and as killable, and skips the ~2 s interpreter and
 # torch start-up (what the tests use to stay fast).
-_PRELOAD = ["tvbase.cli", "tvbase.store", "tvbase.sources", "tvbase.arithmetic", "icechunk", "zarr", "benchmarks.reliability"]
+_PRELOAD = ["tvbase.cli", "tvbase.store", "tvbase.io.sources", "tvbase.arithmetic", "icechunk", "zarr", "benchmarks.reliability"]
 _fork_context = None
 
 
@@ -642,10 +642,10 @@ def concurrency_run(workdir, zoo, readers=3, steps=None, pause=0.02, history_sha
 
 def _hold_lock(store, seconds, started):
     """Body of a lock-holding process: take the writer lock as tvbase does, hold it, release."""
-    from tvbase.store import _WriterLock
+    from tvbase.repository import WriterLock
 
     sys.argv = ["reliability-lock-holder"]  # what the lock file records as the holder's command
-    with _WriterLock(Path(store) / "writer.lock"):
+    with WriterLock(Path(store) / "writer.lock"):
         started.put(os.getpid())
         time.sleep(seconds)
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tvbase.ingest.factorize import FitParams
-from tvbase.sources import save_checkpoint
+from tvbase.methods import FitParams
+from tvbase.io.save import save_checkpoint
 from tvbase.store import Store
 
 # Base model: 2-D weights, a conv kernel (factorized as (8, 36)), a bias and a (1, 5, 16)

@@ -23,7 +23,7 @@ import tvbase.coefficients
 from tvbase.bench import baselines, memory_accuracy
 from tvbase.bench.memory_accuracy import MARK_END, MARK_START, QUICK, run
 from tvbase.cli import main as tvbase_main
-from tvbase.ingest.seed import ties_merge
+from tvbase.methods.seed import ties_merge
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ARCHS = ("vit",)

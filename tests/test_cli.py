@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from tvbase.arithmetic import parse_expression
 from tvbase.cli import main
 from tvbase.errors import EXIT_CODES, AlreadyExistsError, InvalidInputError, NotFoundError, StoreLockedError
-from tvbase.store import Store, _WriterLock
+from tvbase.repository import WriterLock
+from tvbase.store import Store
 
 NAME_ARGS = ["a0", "a1", "a2", "b0", "b1"]  # ingested as NAME=PATH arguments (shared fit)
 LISTED = ["a_sharded", "c_new"]  # ingested from a list file (per-task SVD)
@@ -312,7 +313,7 @@ def test_init_existing_store_exits_5(cli_copy, zoo, capsys):
 
 def test_locked_exits_8(cli_copy, zoo, snapshot_state, capsys):
     before = snapshot_state(cli_copy)
-    with _WriterLock(cli_copy / "writer.lock"):
+    with WriterLock(cli_copy / "writer.lock"):
         err = _fails(capsys, ["ingest", cli_copy, f"x={zoo.tasks['c_new']}", "-q", "--device", "cpu"], 8)
         assert re.search(rf"\b{os.getpid()}\b", err), err
         _fails(capsys, ["rm", cli_copy, "a0", "--wait", "0.2"], 8)

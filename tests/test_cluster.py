@@ -1,12 +1,12 @@
-"""Tests for task sketching and spectral clustering of tasks (tvbase.ingest.cluster)."""
+"""Tests for task sketching and spectral clustering of tasks (tvbase.methods.cluster)."""
 
 import numpy as np
 import pytest
 import torch
 
-import tvbase.ingest.cluster as cluster
+import tvbase.methods.cluster as cluster
 from tvbase.errors import InvalidInputError
-from tvbase.ingest.cluster import TaskClusterer, TaskSketcher
+from tvbase.methods.cluster import TaskClusterer, TaskSketcher
 
 
 def _task(seed, shapes=((40, 30), (30,), (25, 40))):

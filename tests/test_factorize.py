@@ -1,5 +1,5 @@
 """Factorization through the store: budgets, error against budget, exactness at full rank, and
-the rank allocator (tvbase.ingest.budget)."""
+the rank allocator (tvbase.methods.budget)."""
 
 import itertools
 import math
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tvbase.ingest.budget import allocate_ranks, cumulative, uniform_ranks
-from tvbase.ingest.factorize import FitParams
+from tvbase.methods.budget import allocate_ranks, cumulative, uniform_ranks
+from tvbase.methods import FitParams
 from tvbase.store import Store
 
 

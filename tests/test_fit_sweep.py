@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import fit_sweep
-from tvbase.zoo import build_zoo
+from tvbase.demo.zoo import build_zoo
 
 
 @pytest.fixture(scope="module")

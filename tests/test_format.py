@@ -36,7 +36,7 @@ def test_format_v1_store_rebuilds_as_written(old_store):
 
 
 def test_newer_format_is_refused(old_store, monkeypatch):
-    import tvbase.store as store_module
+    import tvbase.format as store_module
 
     monkeypatch.setattr(store_module, "FORMAT_VERSION", 0)
     with pytest.raises(FormatVersionError, match="newer than this tvbase"):

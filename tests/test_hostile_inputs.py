@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-import tvbase.store as store_module
+import tvbase.format as store_module
 from tvbase.cli import main
 
 

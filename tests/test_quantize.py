@@ -1,4 +1,4 @@
-"""Tests for per-column absmax quantization of factor matrices (tvbase.ingest.quantize)."""
+"""Tests for per-column absmax quantization of factor matrices (tvbase.codec.quantize)."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tvbase.errors import InvalidInputError
-from tvbase.ingest.quantize import (
+from tvbase.codec.quantize import (
     QUANTIZERS,
     QuantizedMatrix,
     _pack_codes,

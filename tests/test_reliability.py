@@ -81,12 +81,12 @@ def test_second_writer_is_refused_then_waits(crash_setup, tmp_path):
 
 
 def test_compact_does_not_revert_a_replacement_committed_during_its_fit(crash_setup, tmp_path, monkeypatch):
-    import tvbase.store
+    from tvbase.methods.tucker import ClusterTucker
 
     zoo = crash_setup.zoo
     path = tmp_path / "store"
     rel.make_store(path, zoo, ingests=[rel.FIRST])
-    real_fit, replaced = tvbase.store.fit, {}
+    real_fit, replaced = ClusterTucker.fit, {}
 
     def fit_while_another_writer_commits(*args, **kwargs):
         if not replaced:  # the compaction's fit: another writer replaces t1 meanwhile
@@ -97,7 +97,7 @@ def test_compact_does_not_revert_a_replacement_committed_during_its_fit(crash_se
             replaced["t1"] = other.get("t1", device=rel.DEVICE)
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(tvbase.store, "fit", fit_while_another_writer_commits)
+    monkeypatch.setattr(ClusterTucker, "fit", fit_while_another_writer_commits)
     try:
         Store.open(path).compact(device=rel.DEVICE, progress=False)
     except TvbaseError:

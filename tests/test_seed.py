@@ -1,4 +1,4 @@
-"""Tests for the seed bases of Zeng et al. (2025) (tvbase.ingest.seed).
+"""Tests for the seed bases of Zeng et al. (2025) (tvbase.methods.seed).
 
 Task vectors are tiny and synthetic (three tensors of varied shapes, T = 8), served by a
 dict-backed source that counts its reads. Tolerances: exactness checks at 1e-5 relative (float32
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tvbase.errors import InvalidInputError, NotFoundError
-from tvbase.ingest.seed import (
+from tvbase.methods.seed import (
     SEED_METHODS,
     GramAutoencoder,
     PCABasis,

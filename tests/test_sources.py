@@ -1,4 +1,4 @@
-"""Tests for tvbase.sources: opening, validating, reading, fingerprinting and saving checkpoints."""
+"""Tests for tvbase.io (checkpoint, save): opening, validating, reading, fingerprinting and saving checkpoints."""
 
 import json
 import os
@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tvbase.sources as sources
+import tvbase.io.checkpoint as sources
 from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
-from tvbase.sources import Checkpoint, check_compatible, save_checkpoint, task_vector
+from tvbase.io.checkpoint import Checkpoint, check_compatible, task_vector
+from tvbase.io.save import save_checkpoint
 
 
 def _tensors(seed=0):

@@ -23,8 +23,10 @@ from tvbase.errors import (
     NotFoundError,
     StoreLockedError,
 )
-from tvbase.ingest.factorize import FitParams
-from tvbase.store import Store, _WriterLock, validate_task_name
+from tvbase.methods import FitParams
+from tvbase.names import validate_task_name
+from tvbase.repository import WriterLock
+from tvbase.store import Store
 
 
 # Loose "it rebuilt the right thing" bound for stores with the default (int4) factors: a wrong or
@@ -507,7 +509,7 @@ def test_writer_lock(populated_copy, zoo, snapshot_state):
     before = snapshot_state(populated_copy)
     store = Store.open(populated_copy)
     item = {"x": zoo.tasks["c_new"]}
-    with _WriterLock(populated_copy / "writer.lock"):
+    with WriterLock(populated_copy / "writer.lock"):
         with pytest.raises(StoreLockedError) as info:
             store.ingest(item, device="cpu", progress=False)
         assert re.search(rf"\b{os.getpid()}\b", str(info.value)), "the message names the holder's pid"
@@ -533,7 +535,7 @@ def test_writer_lock_wait_succeeds_when_released(populated_copy, zoo):
     """A writer with --wait gets the lock once the holder lets go."""
     import threading
 
-    lock = _WriterLock(populated_copy / "writer.lock")
+    lock = WriterLock(populated_copy / "writer.lock")
     lock.__enter__()
     timer = threading.Timer(0.3, lock.__exit__, args=(None, None, None))
     timer.start()

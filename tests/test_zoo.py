@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from tvbase.errors import InvalidInputError, NotFoundError
-from tvbase.zoo import ARCHITECTURES, CONTROL_TASK, DEMO_TASKS, TASKS, Zoo, build_zoo, make_model
+from tvbase.demo.zoo import ARCHITECTURES, CONTROL_TASK, DEMO_TASKS, TASKS, Zoo, build_zoo, make_model
 
 TINY_TASKS = ["ovr-3", "parity", "rot90"]  # one-vs-rest, a 2-label task, a transformed-input task
 TINY = dict(tasks=TINY_TASKS, seed=0, epochs=1, pretrain_epochs=1, progress=False)

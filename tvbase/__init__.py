@@ -13,7 +13,7 @@ from .errors import (  # noqa: E402
     StoreLockedError,
     TvbaseError,
 )
-from .ingest.factorize import FitParams  # noqa: E402
+from .methods import FitParams  # noqa: E402
 from .store import Store  # noqa: E402
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .bench import DESCRIPTIONS
+from .codec import parse_bits
 from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, exit_code
-from .ingest.factorize import FitParams
-from .ingest.quantize import parse_bits
+from .methods import METHODS, FitParams, get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -123,8 +124,9 @@ def cmd_ingest(args):
     items = parse_items(args.items, args.list)
     store = Store.open(args.store)
     params = _fit_params(args, store)
-    if args.method != "tvbase" and args.bits is None:
-        params.bits = params.dense_bits = 32  # the seed methods' bases are fp32 in the paper
+    default_bits = get_method(args.method).default_bits
+    if default_bits is not None and args.bits is None:
+        params.bits = params.dense_bits = default_bits  # the seed methods' bases are fp32 in the paper
     version = store.ingest(
         items, params=params, base=args.base, device=args.device, progress=not args.quiet, wait=args.wait,
         method=args.method, n_components=args.components,
@@ -176,7 +178,7 @@ def cmd_log(args):
 
 
 def cmd_get(args):
-    from .sources import save_checkpoint
+    from .io.save import save_checkpoint
     from .store import Store
 
     store = Store.open(args.store, at=args.at)
@@ -187,7 +189,7 @@ def cmd_get(args):
 
 def cmd_compose(args):
     from .arithmetic import parse_expression
-    from .sources import save_checkpoint
+    from .io.save import save_checkpoint
     from .store import Store
 
     store = Store.open(args.store, at=args.at)
@@ -244,7 +246,7 @@ def cmd_gc(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(cache=args.cache, budget=parse_budget(args.budget) if args.budget else None, json_output=args.json)
 
@@ -301,8 +303,8 @@ def build_parser():
     p.add_argument("--list", metavar="FILE", help="file with one NAME=PATH per line (paths relative to the file)")
     p.add_argument("--base", help="where the base model is now, if it moved since init")
     p.add_argument(
-        "--method", default="tvbase", choices=["tvbase", "pca", "autoencoder", "cluster-merge"],
-        help="tvbase's factorization (default) or a Task Vector Bases seed method",
+        "--method", default="tvbase", choices=list(METHODS), metavar="METHOD",
+        help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()) + " (default tvbase)",
     )
     p.add_argument("--components", type=int, metavar="M", help="seed methods: number of basis vectors (default T/2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -367,15 +369,52 @@ def build_parser():
     p.add_argument("--budget", help="storage budget (default 3%%)")
     listing(p)
 
-    from .bench.memory_accuracy import DESCRIPTION as MEMORY_ACCURACY, add_arguments as memory_accuracy_options
-
     bench = sub.add_parser("bench", help="run a benchmark (default paths relative to the current directory)",
                            description="Run one of tvbase's benchmarks.")
-    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-    p = benchmarks.add_parser("memory-accuracy", help=MEMORY_ACCURACY, description=MEMORY_ACCURACY)
-    memory_accuracy_options(p)
-    p.set_defaults(func=cmd_bench_memory_accuracy)
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_LazyOptionsParser)
+    for name, (description, add_options, func) in BENCHMARKS.items():
+        p = benchmarks.add_parser(name, help=description, description=description, add_options=add_options)
+        p.set_defaults(func=func)
     return parser
+
+
+class _LazyOptionsParser(argparse.ArgumentParser):
+    """A subcommand parser whose options are added by ``add_options(parser)`` only when it parses
+    or prints its help: a benchmark's options live in its harness, imported only then."""
+
+    def __init__(self, *args, add_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_options = add_options
+
+    def _add_pending_options(self):
+        if self._add_options is not None:
+            add, self._add_options = self._add_options, None
+            add(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_pending_options()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._add_pending_options()
+        return super().format_help()
+
+
+def _memory_accuracy_options(p):
+    from .bench.memory_accuracy import add_arguments
+
+    add_arguments(p)
+
+
+# name -> (description, adds its options to a parser, runs it); the harness is imported only
+# when its benchmark is asked for, so no other command pays for it
+BENCHMARKS = {
+    "memory-accuracy": (
+        DESCRIPTIONS["memory-accuracy"],
+        _memory_accuracy_options,
+        cmd_bench_memory_accuracy,
+    ),
+}
 
 
 def main(argv=None):

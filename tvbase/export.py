@@ -2,7 +2,7 @@
 
 import torch
 
-from .sources import save_checkpoint
+from .io.save import save_checkpoint
 
 
 def apply_composition(store, coefficients, base, output, device=None, max_shard_bytes=2 * 1024**3):

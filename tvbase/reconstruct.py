@@ -6,8 +6,7 @@ and hands them here one tensor at a time, so peak memory is one tensor plus its 
 
 import torch
 
-from .factors import matrix_shape
-from .ingest.quantize import dequantize
+from .codec import dequantize, matrix_shape
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ Two kinds implement it:
   checkpoint files, ``rebuild`` is ``store.get``. The seed bases of Task Vector Bases
   (:class:`SeedPCA`, :class:`SeedAutoencoder`, :class:`SeedClusterMean`) are exactly what
   ``tvbase ingest --method pca|autoencoder|cluster-merge --components M`` stores
-  (:mod:`tvbase.ingest.seed`); nothing of them is re-implemented here. ``nbytes_`` is the store
+  (:mod:`tvbase.methods.seed`); nothing of them is re-implemented here. ``nbytes_`` is the store
   directory on disk, ``payload_bytes_`` its factor bytes plus the coefficients kept in its
   metadata.
 
@@ -43,9 +43,8 @@ import numpy as np
 import torch
 
 from .. import FitParams, Store
-from ..factors import matrix_shape
-from ..ingest.quantize import QuantizedMatrix, dequantize, quantize
-from ..ingest.seed import ties_merge
+from ..codec import QuantizedMatrix, dequantize, matrix_shape, quantize
+from ..methods.seed import ties_merge
 
 __all__ = [
     "BASELINES",
@@ -357,7 +356,7 @@ class TallMasks(Compressor):
     merge : {"sum", "ties"}
         ``tau_MTL``: the task-arithmetic sum, or TIES-merging (Yadav et al., 2023, "TIES-Merging:
         Resolving Interference When Merging Models", NeurIPS) with ``ties_density``, computed by
-        :func:`tvbase.ingest.seed.ties_merge` (trim per tensor, as in mergekit).
+        :func:`tvbase.methods.seed.ties_merge` (trim per tensor, as in mergekit).
     ties_density : float
         Fraction of the largest-magnitude entries of each tensor each task keeps before the TIES
         sign election (0.2 in the TIES paper).
@@ -393,7 +392,7 @@ class TallMasks(Compressor):
         self._start(task_vectors)
         if self.merge == "sum":
             merged = {n: sum(task_vectors[t][n] for t in self.tasks_) for n in self.shapes_}  # tau_MTL
-        else:  # the library's TIES merge (tvbase.ingest.seed), tensor by tensor
+        else:  # the library's TIES merge (tvbase.methods.seed), tensor by tensor
             merged = {
                 n: ties_merge((task_vectors[t][n] for t in self.tasks_), self.ties_density).to(torch.float32)
                 for n in self.shapes_
@@ -522,7 +521,7 @@ class SeedBasis(StoreMethod):
     Zeng et al., 2025, "Efficient Model Editing with Task Vector Bases: A Theoretical Framework
     and Scalable Approach": ``tau_hat_t = mu + S c_t`` with ``M`` shared basis vectors ``S`` per
     tensor (a mean ``mu`` for PCA only) and one coefficient vector ``c_t`` per task, fitted by
-    :func:`tvbase.ingest.seed.fit_seed_basis` from the T x T Gram of the task vectors. The store
+    :func:`tvbase.methods.seed.fit_seed_basis` from the T x T Gram of the task vectors. The store
     keeps ``S`` and ``mu`` in fp32 (``FitParams(bits=32, dense_bits=32)``, as in the paper) and
     ``c_t`` in its metadata (counted as fp32).
 
@@ -592,7 +591,7 @@ class SeedAutoencoder(SeedBasis):
     """The Gram autoencoder basis (``tvbase ingest --method autoencoder``), library defaults.
 
     Softmax encoder over the tasks (temperature 5), Adam (lr 0.01, 6000 steps) on the Gram loss,
-    decoder refitted by least squares (:class:`tvbase.ingest.seed.GramAutoencoder`).
+    decoder refitted by least squares (:class:`tvbase.methods.seed.GramAutoencoder`).
 
     Attributes (after ``fit``)
     --------------------------
@@ -627,7 +626,7 @@ class SeedClusterMean(SeedBasis):
     """Spectral clusters + mean (``tvbase ingest --method cluster-merge``): each task is its cluster's mean.
 
     ``|cos|`` affinity of the task vectors (from the Gram), spectral clustering with K by the
-    largest eigengap unless given (:class:`tvbase.ingest.seed.ClusterMerge`, merge ``"mean"``).
+    largest eigengap unless given (:class:`tvbase.methods.seed.ClusterMerge`, merge ``"mean"``).
 
     Parameters
     ----------

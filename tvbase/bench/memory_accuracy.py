@@ -1,6 +1,6 @@
 """Memory versus accuracy: tvbase against published task-vector compressors on the digits zoo.
 
-For each architecture (the 25-task tiny ViT and small CNN zoos of :mod:`tvbase.zoo`) and each
+For each architecture (the 25-task tiny ViT and small CNN zoos of :mod:`tvbase.demo.zoo`) and each
 method — raw fp32, fp16, int8, BitDelta, TSV-C, TALL masks, the seed bases of Task Vector Bases
 (centered PCA, Gram autoencoder, spectral clusters + mean) and tvbase at several budgets — this
 script builds the compressed representation of all task vectors and measures:
@@ -54,8 +54,9 @@ import torch
 
 from .. import FitParams, __version__
 from ..coefficients import choose_addition_alpha, choose_negation_alpha
-from ..zoo import CONTROL_TASK, Zoo, build_zoo
+from ..demo.zoo import CONTROL_TASK, Zoo, build_zoo
 
+from . import DESCRIPTIONS
 from .baselines import (
     BitDelta,
     Fp16,
@@ -491,9 +492,9 @@ def _notes(results: dict) -> str:
         "- TSV-C: rank max(1, floor(min(m, n)/T)) per task and matrix (conv kernels flattened), fp16 factors, 1-D "
         "tensors fp16.",
         "- TALL masks: τ_MTL (task-arithmetic sum, or TIES merge with density 0.2, trimmed per tensor: "
-        "`tvbase.ingest.seed.ties_merge`) in fp32 + 1 bit per entry per task, λ per task from {0.2, …, 0.6} on "
+        "`tvbase.methods.seed.ties_merge`) in fp32 + 1 bit per entry per task, λ per task from {0.2, …, 0.6} on "
         "validation.",
-        "- Seed bases (Task Vector Bases, `tvbase.ingest.seed`, stored at fp32): PCA `--method pca --components M`, "
+        "- Seed bases (Task Vector Bases, `tvbase.methods.seed`, stored at fp32): PCA `--method pca --components M`, "
         "centered, mean + M basis vectors, M in {1, 2, T/4, T/2}. Gram AE `--method autoencoder --components T/2`, "
         "library defaults (softmax temperature 5, Adam lr 0.01, 6000 steps, weight decay 1e-6, decoder refitted by least squares). "
         "Cluster mean `--method cluster-merge`: spectral clustering of |cos| (from the Gram; K by eigengap, and fixed "
@@ -701,7 +702,7 @@ def run(
     return results
 
 
-DESCRIPTION = "Storage against accuracy of tvbase and published task-vector compressors on the digits zoo."
+DESCRIPTION = DESCRIPTIONS["memory-accuracy"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -2,8 +2,9 @@
 benchmark owns the text between its ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and
 never touches the rest."""
 
-import os
 from pathlib import Path
+
+from ..io.save import write_atomic
 
 
 def markers(name):
@@ -22,6 +23,4 @@ def replace_section(path, name, body):
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda temp: Path(temp).write_text(text))

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tvbase.errors import InvalidInputError, NotFoundError
-
+from ..codec import SharedBasis, TaskTensor, quantize
+from ..errors import InvalidInputError, NotFoundError
 from .cluster import TaskClusterer, _check_int, _ParamsRepr
+from .result import FitResult, measure_errors
 
 __all__ = [
     "SEED_METHODS",
+    "SeedBasisFit",
     "ClusterMerge",
     "GramAutoencoder",
     "PCABasis",
@@ -458,7 +460,7 @@ class ClusterMerge(_ParamsRepr):
     """Cluster the tasks, merge each cluster into one basis vector (Zeng et al., 2025).
 
     Spectral clustering on the ``|cosine|`` similarity of the task vectors,
-    ``|G_ij| / sqrt(G_ii G_jj)`` (done by :class:`~tvbase.ingest.cluster.TaskClusterer` on the
+    ``|G_ij| / sqrt(G_ii G_jj)`` (done by :class:`~tvbase.methods.cluster.TaskClusterer` on the
     rows of an exact factor of ``G``, whose inner products are ``G``), with the number of
     clusters by the largest eigengap unless given. Basis vector ``k`` is the merge of cluster
     ``k``'s task vectors and ``c_t`` is the one-hot of ``t``'s cluster, so ``tau_hat_t`` is its
@@ -928,4 +930,63 @@ def _relative_errors(gram, mixing, mean_weights, coefficients, tasks) -> dict:
     out = {}
     for i, task in enumerate(tasks):
         out[task] = float(err[i] / norm[i]) if norm[i] > 0 else (0.0 if err[i] == 0 else math.inf)
+    return out
+
+
+class SeedBasisFit:
+    """A seed method of Task Vector Bases as a store method: one basis ``S`` (and mean ``mu`` for
+    PCA) per tensor shared by every task of the batch, stored with ``params.bits``; each task
+    keeps its coefficient vector.
+
+    Parameters
+    ----------
+    params : FitParams; its ``bits`` and ``seed`` are used.
+    method : str, a key of :data:`SEED_METHODS`.
+    n_components : int or None, ``M`` (default ``T // 2``, or the eigengap for cluster-merge).
+    device, progress : where the products run; show the error pass's progress bar.
+
+    Attributes
+    ----------
+    result_ : FitResult, set by :meth:`fit`.
+    """
+
+    def __init__(self, params, *, method, n_components=None, device="cpu", progress=True):
+        self.method = method
+        self.params = params
+        self.n_components = n_components
+        self.device = device
+        self.progress = progress
+
+    def __repr__(self):
+        return f"SeedBasisFit(method={self.method!r}, n_components={self.n_components!r})"
+
+    def fit(self, source, tasks, shapes):
+        tasks = list(tasks)
+        seed_result = fit_seed_basis(
+            source, tasks, shapes, self.method, n_components=self.n_components, seed=self.params.seed, device=self.device
+        )
+        result = FitResult(method=self.method, labels={t: 0 for t in tasks}, clusters={0: {}})
+        result.tasks = {
+            t: {name: TaskTensor(coef=tuple(float(c) for c in seed_result.coefficients[t])) for name in shapes} for t in tasks
+        }
+        result.kind = {t: self.method for t in tasks}
+        bits = self.params.bits
+        for name, S, mu in seed_result.iter_tensors():
+            result.clusters[0][name] = SharedBasis(S=quantize(S, bits), mu=None if mu is None else quantize(mu.reshape(-1, 1), bits))
+        measure_errors(source, tasks, shapes, result, self.device, self.progress)
+        result.info = {"method": self.method, "n_components": seed_result.M, **_json_safe(seed_result.info)}
+        self.result_ = result
+        return self
+
+
+def _json_safe(info):
+    """Scalars of ``info`` as plain Python values (arrays are left out of store metadata)."""
+    out = {}
+    for key, value in info.items():
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            out[key] = value
+        elif isinstance(value, np.generic):
+            out[key] = value.item()
+        elif isinstance(value, np.ndarray) and value.ndim == 1 and len(value) <= 64 and key in ("labels", "eigenvalues"):
+            out[key] = value.tolist()
     return out

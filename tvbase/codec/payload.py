@@ -1,9 +1,9 @@
-"""How the store encodes its payload on disk, in one place.
+"""How the store packs factors into its payload on disk, and what that costs, in one place.
 
 The store writes every factor into one uint8 array cut into ``PAYLOAD_CHUNK`` chunks, each
-compressed with zstd and checksummed with crc32c. The fit uses :func:`compressed_nbytes` and
-the bookkeeping sizes below to predict what a write takes on disk, so that a byte budget
-counts what the store really grows by.
+compressed with zstd and checksummed with crc32c, in the order :func:`packing_order` gives. The
+fit uses :func:`compressed_nbytes` over that same order, and the bookkeeping sizes below, to
+predict what a write takes on disk, so that a byte budget counts what the store really grows by.
 """
 
 from numcodecs import Zstd
@@ -28,6 +28,37 @@ def store_disk_bytes(n_tensors):
     """Bytes of an empty store: configuration, refs and the first snapshot with the base's
     fingerprint (1.6 KB for 5 tensors, 1.7 KB for 14, 1.9 KB for 41)."""
     return 1536 + 16 * n_tensors
+
+
+def packing_order(clusters, tasks):
+    """Every factor of a fit in the order the store packs them into its payload.
+
+    Parameters
+    ----------
+    clusters : dict cluster key -> {tensor name: SharedBasis}
+    tasks : dict task -> {tensor name: TaskTensor}
+
+    Yields
+    ------
+    (owner, key, tensor name, role, QuantizedMatrix), ``owner`` being ``"cluster"`` or ``"task"``.
+    Clusters in sorted key order, then every task's factors, then every task's dense tensors:
+    interleaved with the factors in zstd blocks, dense tensors compressed worse (1.2% of the
+    payload of the 3% ViT store, with int8 dense tensors).
+    """
+    for c in sorted(clusters):
+        for name, basis in clusters[c].items():
+            for role, q in basis.parts():
+                yield "cluster", c, name, role, q
+    for task, tensors in tasks.items():
+        for name, tt in tensors.items():
+            for role, q in tt.parts():
+                if role != "dense":
+                    yield "task", task, name, role, q
+    for task, tensors in tasks.items():
+        for name, tt in tensors.items():
+            if tt.dense is not None:
+                yield "task", task, name, "dense", tt.dense
+
 
 def zarr_compressors():
     """The zarr v3 compressor chain of the store's arrays."""

@@ -1,4 +1,4 @@
-"""Read and write safetensors checkpoints: the only way model weights enter or leave tvbase.
+"""Read safetensors checkpoints: the only way model weights enter tvbase.
 
 A :class:`Checkpoint` is a read-only, lazy view of one checkpoint, either a single ``.safetensors`` file
 or a directory of shards with a Hugging Face ``model.safetensors.index.json``. Everything that can be
@@ -6,9 +6,8 @@ checked without reading tensor data is checked in :meth:`Checkpoint.open`, so la
 the safetensors headers are parsed and validated by our own code before the file reaches the
 safetensors library, shard paths may not escape the directory, and pickle checkpoints are refused.
 
-:func:`check_compatible` compares a checkpoint with the store's base model, :func:`task_vector` turns
-one tensor of a fine-tune into ``finetuned - base``, and :func:`save_checkpoint` streams tensors to
-(sharded) safetensors files, each written atomically.
+:func:`check_compatible` compares a checkpoint with the store's base model and :func:`task_vector`
+turns one tensor of a fine-tune into ``finetuned - base``. Writing is :mod:`tvbase.io.save`'s.
 """
 
 from __future__ import annotations
@@ -17,27 +16,21 @@ import hashlib
 import json
 import math
 import os
-import re
 import struct
-import uuid
-from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
 
-__all__ = ["Checkpoint", "check_compatible", "save_checkpoint", "task_vector"]
+__all__ = ["Checkpoint", "check_compatible", "task_vector"]
 
 # Same limit as the safetensors library (MAX_HEADER_SIZE), so a header we accept it accepts too.
 _MAX_HEADER_BYTES = 100_000_000
-_PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
-_INDEX_NAME = "model.safetensors.index.json"
-_SINGLE_NAME = "model.safetensors"
-_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 _HASH_CHUNK_BYTES = 16 * 1024**2  # bounds fingerprint memory whatever the tensor size
 _FINGERPRINT_VERSION = b"tvbase-fingerprint-v1\0"  # change if the hashed byte layout ever changes
 
@@ -51,15 +44,6 @@ _DTYPE_BITS = {
 }  # fmt: skip
 _INTEGER_DTYPES = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
 
-# torch dtypes save_checkpoint accepts, with their safetensors names.
-_TORCH_TO_SAFETENSORS = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
-    torch.complex64: "C64",
-}  # fmt: skip
 
 
 class _Entry(NamedTuple):
@@ -343,75 +327,13 @@ def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) 
     return (tuned - base.get(name, dtype=work_dtype)).to(torch.float32)
 
 
-def save_checkpoint(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    path: str | os.PathLike,
-    max_shard_bytes: int = 2 * 1024**3,
-    metadata: dict[str, str] | None = None,
-) -> list[Path]:
-    """Write tensors as safetensors, streaming, each file atomically.
-
-    Parameters
-    ----------
-    tensors : iterable of (str, Tensor)
-        Names and tensors, any device and layout; may be a generator. At most one shard's worth
-        of tensors is held at a time.
-    path : str or os.PathLike
-        A path ending in ``.safetensors`` gets one file whatever its size. Any other path is a
-        directory (created if needed): one ``model.safetensors`` if everything fits in one shard,
-        else ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``.
-        Files of an earlier checkpoint written there under these names are replaced or removed;
-        other files are left alone.
-    max_shard_bytes : int, default 2 GiB
-        Most tensor bytes per shard; a single larger tensor gets a shard of its own.
-    metadata : dict of str to str, optional
-        Stored in every file's header (``"format": "pt"`` is added unless given) and in the index.
-
-    Returns
-    -------
-    list of Path
-        The files written: the shards in order, then the index if there is one.
-
-    Raises
-    ------
-    InvalidInputError
-        On a bad name, duplicate name, unsupported dtype, bad ``max_shard_bytes`` or
-        ``metadata``, or no tensors at all.
-    """
-    path = Path(path)
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise InvalidInputError(
-            f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}; pass e.g. 2 * 1024**3."
-        )
-    header_metadata = {"format": "pt", **_check_metadata(metadata)}
-    if path.suffix in _PICKLE_SUFFIXES:
-        raise InvalidInputError(
-            f"cannot save to {str(path)!r}: tvbase writes safetensors only, never pickle; "
-            "use a path ending in .safetensors, or a directory."
-        )
-    if path.suffix == ".safetensors":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shard = dict(_saveable(tensors))
-        if not shard:
-            raise _no_tensors(path)
-        _write_atomic(path, lambda temp: save_file(shard, temp, metadata=header_metadata))
-        return [path]
-    if path.exists() and not path.is_dir():
-        raise InvalidInputError(
-            f"cannot save to {str(path)!r}: it is an existing file and not a .safetensors path; "
-            "give a directory, or a path ending in .safetensors."
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    return _save_sharded(tensors, path, max_shard_bytes, header_metadata, metadata or {})
-
-
 # --- opening -------------------------------------------------------------------------------------------
 
 
 def _open_directory(directory: Path) -> dict[str, _Entry]:
     indexes = sorted(directory.glob("*.safetensors.index.json"))
-    if (directory / _INDEX_NAME).exists():
-        indexes = [directory / _INDEX_NAME]
+    if (directory / INDEX_NAME).exists():
+        indexes = [directory / INDEX_NAME]
     if len(indexes) > 1:
         raise InvalidInputError(
             f"checkpoint directory {str(directory)!r} holds {len(indexes)} safetensors indexes "
@@ -428,10 +350,10 @@ def _open_directory(directory: Path) -> dict[str, _Entry]:
     if len(weights) > 1:
         raise InvalidInputError(
             f"checkpoint directory {str(directory)!r} holds {len(weights)} .safetensors files "
-            f"({_first_names(weights)}) but no {_INDEX_NAME}: expected one file, or shards with an index; "
+            f"({_first_names(weights)}) but no {INDEX_NAME}: expected one file, or shards with an index; "
             "add the index, or open a single file."
         )
-    pickles = sorted(p for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES and p.is_file())
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if pickles:
         raise InvalidInputError(
             f"checkpoint directory {str(directory)!r} holds only pickle weight files ({_first_names(pickles)}): "
@@ -441,12 +363,12 @@ def _open_directory(directory: Path) -> dict[str, _Entry]:
         )
     raise InvalidInputError(
         f"checkpoint directory {str(directory)!r} holds no .safetensors file: expected a model.safetensors "
-        f"or shards with {_INDEX_NAME}; check the path."
+        f"or shards with {INDEX_NAME}; check the path."
     )
 
 
 def _refuse_non_safetensors(file: Path) -> None:
-    if file.suffix in _PICKLE_SUFFIXES:
+    if file.suffix in PICKLE_SUFFIXES:
         raise InvalidInputError(
             f"{str(file)!r} is a pickle checkpoint ({file.suffix}): pickle checkpoints are refused for "
             "safety (loading them can run arbitrary code); convert it to safetensors (e.g. "
@@ -664,147 +586,3 @@ def _summarize(kind: str, items: list[str], plural: str | None = None, limit: in
     shown = ", ".join(items[:limit])
     more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"{len(items)} {noun}: {shown}{more}"
-
-
-# --- saving --------------------------------------------------------------------------------------------
-
-
-def _check_metadata(metadata: object) -> dict[str, str]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
-    ):
-        raise InvalidInputError(
-            f"metadata must be a dict of str to str (safetensors stores text only), got {metadata!r}; "
-            "convert values with str() or json.dumps()."
-        )
-    return dict(metadata)
-
-
-def _saveable(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Validate names and yield each tensor as a dense, contiguous CPU tensor owning its storage."""
-    seen, storages = set(), set()
-    for item in tensors:
-        if not (isinstance(item, tuple) and len(item) == 2):
-            raise InvalidInputError(
-                f"save_checkpoint expects (name, tensor) pairs, got {type(item).__name__}; "
-                "pass e.g. state_dict.items()."
-            )
-        name, tensor = item
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise InvalidInputError(
-                f"tensor name {name!r} is not allowed: expected a non-empty string other than "
-                "'__metadata__'; rename the tensor."
-            )
-        if name in seen:
-            raise InvalidInputError(f"tensor name {name!r} appears twice: names must be unique; rename one.")
-        seen.add(name)
-        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_meta:
-            raise InvalidInputError(
-                f"tensor {name!r} is {_describe(tensor)}: expected a dense torch.Tensor with data; "
-                "convert it with .to_dense() or materialize it first."
-            )
-        if tensor.dtype not in _TORCH_TO_SAFETENSORS:
-            raise InvalidInputError(
-                f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store here: expected "
-                f"one of {', '.join(sorted(str(d) for d in _TORCH_TO_SAFETENSORS))}; convert it first."
-            )
-        tensor = tensor.detach().to("cpu").contiguous()
-        # safetensors refuses tensors sharing storage (tied weights) and a view would drag its
-        # whole storage along, so give such tensors storage of their own.
-        storage = tensor.untyped_storage()
-        if storage.nbytes() != tensor.nbytes or tensor.storage_offset() or storage.data_ptr() in storages:
-            tensor = tensor.clone()
-        storages.add(tensor.untyped_storage().data_ptr())
-        yield name, tensor
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, torch.Tensor):
-        return "a meta tensor" if value.is_meta else f"a tensor of layout {value.layout}"
-    return f"a {type(value).__name__}"
-
-
-def _save_sharded(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    directory: Path,
-    max_shard_bytes: int,
-    header_metadata: dict[str, str],
-    index_metadata: dict[str, str],
-) -> list[Path]:
-    # The shard count is unknown until the stream ends, so shards get temporary names first.
-    token = uuid.uuid4().hex
-    temps, weight_maps = [], []
-    shard, shard_bytes, total_bytes = {}, 0, 0
-
-    def flush() -> None:
-        temp = directory / f".tvbase-{token}-{len(temps):05d}.safetensors.tmp"
-        temps.append(temp)
-        save_file(shard, temp, metadata=header_metadata)
-        _fsync(temp)
-        weight_maps.append(list(shard))
-
-    try:
-        for name, tensor in _saveable(tensors):
-            if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
-                flush()
-                shard, shard_bytes = {}, 0
-            shard[name] = tensor
-            shard_bytes += tensor.nbytes
-            total_bytes += tensor.nbytes
-        if not shard:
-            raise _no_tensors(directory)
-        flush()
-        shard = {}  # release the last shard before renaming
-    except BaseException:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        raise
-
-    count = len(temps)
-    names = [_SINGLE_NAME] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-    finals = [directory / name for name in names]
-    # Drop any old index first: a crash midway then leaves a checkpoint that fails to open loudly
-    # (several shards, no index) rather than an old index silently mixing old and new shards.
-    (directory / _INDEX_NAME).unlink(missing_ok=True)
-    for temp, final in zip(temps, finals):
-        os.replace(temp, final)
-    written = list(finals)
-    if count > 1:
-        index = {
-            "metadata": {**index_metadata, "total_size": total_bytes},
-            "weight_map": {name: final.name for final, shard_names in zip(finals, weight_maps) for name in shard_names},
-        }
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        _write_atomic(directory / _INDEX_NAME, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
-        written.append(directory / _INDEX_NAME)
-    for stale in directory.iterdir():
-        if stale not in finals and (stale.name == _SINGLE_NAME or _SHARD_NAME.fullmatch(stale.name)):
-            stale.unlink()
-    return written
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(temp_path)``, then move the result to ``path`` in one step."""
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temp)
-        _fsync(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    # Without it a crash soon after os.replace could leave an empty file under the final name.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _no_tensors(path: Path) -> InvalidInputError:
-    return InvalidInputError(f"no tensors to save to {str(path)!r}: expected at least one (name, tensor) pair.")

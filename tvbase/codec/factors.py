@@ -1,4 +1,4 @@
-"""In-memory containers for stored factors, shared by ingest, the store and reconstruction.
+"""In-memory containers for stored factors, shared by the methods, the store format and reconstruction.
 
 A task vector is stored tensor by tensor. A 2-D weight (conv kernels flattened to 2-D) of
 shape (m, n) is rebuilt as::
@@ -18,7 +18,7 @@ their tasks, and per task one coefficient vector ``c_t`` (M,): ``tau ~= mu + S @
 import math
 from dataclasses import dataclass
 
-from .ingest.quantize import QuantizedMatrix
+from .quantize import QuantizedMatrix
 
 
 def matrix_shape(shape):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .ingest.factorize import FitParams
-from .store import Store
+from ..methods import FitParams
+from ..store import Store
 from .zoo import DEMO_TASKS, build_zoo
 
 ALPHAS = np.linspace(0, 1, 21)  # the addition grid of Task Vector Bases (Zeng et al., 2025)

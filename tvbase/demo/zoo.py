@@ -18,7 +18,7 @@ On disk (``root`` is the folder given to :func:`build_zoo`)::
 
 Examples
 --------
->>> from tvbase.zoo import build_zoo, DEMO_TASKS
+>>> from tvbase.demo.zoo import build_zoo, DEMO_TASKS
 >>> zoo = build_zoo("zoo-vit", arch="vit", tasks=DEMO_TASKS)           # doctest: +SKIP
 >>> tau = zoo.task_vector("parity")                                     # doctest: +SKIP
 >>> zoo.evaluate(tau, "parity", delta=True) == zoo.finetuned_accuracy["parity"]  # doctest: +SKIP
@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import FormatVersionError, InvalidInputError, NotFoundError
+from ..errors import FormatVersionError, InvalidInputError, NotFoundError
+from ..io.save import write_atomic
 
 __all__ = [
     "ARCHITECTURES",
@@ -748,6 +749,5 @@ def _file_metadata(arch: str, seed: int, role: str, task: str | None = None) -> 
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_atomic(path, lambda temp: Path(temp).write_text(text))

@@ -1,4 +1,4 @@
-"""Factorize task vectors: cluster-shared Tucker-2 with per-task residuals, or per-task SVD.
+"""tvbase's own methods: cluster-shared Tucker-2 with per-task residuals, and per-task SVD.
 
 The fit streams: it asks a *source* for one (task, tensor) at a time and never holds more
 than one tensor of one task plus the (small) factors. Passes over the data:
@@ -12,7 +12,7 @@ than one tensor of one task plus the (small) factors. Passes over the data:
 7. relative reconstruction error of every task
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,16 +21,22 @@ from tqdm.auto import tqdm
 from ..codec import (
     INDEX_ROW_DISK_BYTES,
     TASK_METADATA_DISK_BYTES,
+    SharedBasis,
+    TaskTensor,
     commit_disk_bytes,
     compressed_nbytes,
+    dequantize,
+    matrix_shape,
+    packing_order,
+    payload_nbytes,
+    quantize,
     store_disk_bytes,
 )
 from ..errors import InvalidInputError
-from ..factors import SharedBasis, TaskTensor, matrix_shape
 from ..reconstruct import rebuild_tensor
 from .budget import allocate_ranks, cumulative, uniform_ranks
 from .cluster import TaskClusterer, TaskSketcher
-from .quantize import dequantize, payload_nbytes, quantize
+from .result import FitResult, measure_errors, raw_bytes
 
 # A fit that leaves more than this share of its budget unused is repeated (so is one over it).
 _BUDGET_TOLERANCE = 0.01
@@ -83,57 +89,91 @@ class FitParams:
     def to_dict(self):
         return dict(self.__dict__)
 
+    def validate(self):
+        """Check every field once, at the boundary; messages quote the offending value."""
+        if self.rank is None:
+            if self.budget is None or not (0 < self.budget < 1):
+                raise InvalidInputError(f"budget must be a fraction in (0, 1) such as 0.03 or '3%', got {self.budget!r}")
+        elif not isinstance(self.rank, int) or self.rank < 1:
+            raise InvalidInputError(f"rank must be a positive integer, got {self.rank!r}")
+        if not (0 <= self.residual_share < 1):
+            raise InvalidInputError(f"residual share must be in [0, 1), got {self.residual_share!r}")
+        for name in ("bits", "dense_bits"):
+            if getattr(self, name) not in (32, 16, 8, 4, 2):
+                raise InvalidInputError(f"{name} must be one of 32, 16, 8, 4, 2, got {getattr(self, name)!r}")
+        if not isinstance(self.max_rank, int) or self.max_rank < 1:
+            raise InvalidInputError(f"max rank must be a positive integer, got {self.max_rank!r}")
+        if not (self.n_clusters == "auto" or (isinstance(self.n_clusters, int) and self.n_clusters >= 1)):
+            raise InvalidInputError(f"n_clusters must be 'auto' or a positive integer, got {self.n_clusters!r}")
+        if isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int) or self.sketch_dim < 1:
+            raise InvalidInputError(f"sketch_dim must be a positive integer, got {self.sketch_dim!r}")
+        for name in ("task_weight", "tensor_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -4 <= value <= 4:
+                raise InvalidInputError(f"{name} must be a number in [-4, 4], got {value!r}")
+        return self
+
     @classmethod
     def from_dict(cls, d):
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-@dataclass
-class FitResult:
-    """What a fit produced, ready to be written.
+class ClusterTucker:
+    """Cluster-shared Tucker-2 with per-task low-rank residuals (tvbase's main method).
 
-    clusters : dict cluster index -> {tensor name: SharedBasis}
-    labels : dict task -> cluster index, or None for tasks stored as per-task SVD
-    tasks : dict task -> {tensor name: TaskTensor}
-    rel_error : dict task -> ||tau_hat - tau|| / ||tau|| over the whole task vector
-    energy : dict task -> ||tau||^2
-    """
-
-    clusters: dict = field(default_factory=dict)
-    labels: dict = field(default_factory=dict)
-    tasks: dict = field(default_factory=dict)
-    rel_error: dict = field(default_factory=dict)
-    energy: dict = field(default_factory=dict)
-    info: dict = field(default_factory=dict)  # method details worth keeping in the store's metadata
-
-
-def raw_bytes(shapes):
-    """Bytes of one task vector in fp32."""
-    return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values())
-
-
-def fit(source, tasks, shapes, params, shared=True, device="cpu", progress=True):
-    """Factorize the task vectors of ``tasks``.
+    Tasks are clustered by CountSketch cosine similarity; per cluster and matrix a shared ``U``
+    (m, r_u), ``V`` (n, r_v), per task a core ``C_t = U^T tau_t V`` (r_u, r_v) and a residual
+    ``A_t B_t^T``; ranks allocated by captured energy per stored byte to meet the budget.
 
     Parameters
     ----------
-    source : object with ``tensor(task, name) -> torch.Tensor`` (float32, base shape, CPU)
-    tasks : list of str
-    shapes : dict tensor name -> shape, in the base's order
-    params : FitParams
-    shared : bool
-        True: cluster the tasks and fit shared Tucker-2 bases plus residuals. False: store each
-        task as its own truncated SVD (tasks added after the last shared fit).
+    params : FitParams, default FitParams()
+    n_components : ignored (the seed methods' M); accepted so every method is built alike.
     device : torch device the linear algebra runs on.
     progress : bool, show progress bars.
 
-    Returns
-    -------
-    FitResult
+    Attributes
+    ----------
+    result_ : FitResult, set by :meth:`fit`.
     """
-    fit = _Fit(source, list(tasks), shapes, params, device, progress)
-    return fit.run(shared)
 
+    name = "tvbase"
+    shared = True
+
+    def __init__(self, params=None, *, n_components=None, device="cpu", progress=True):
+        self.params = params
+        self.n_components = n_components
+        self.device = device
+        self.progress = progress
+
+    def __repr__(self):
+        return f"{type(self).__name__}(params={self.params!r}, device={str(self.device)!r})"
+
+    def fit(self, source, tasks, shapes):
+        """Factorize the task vectors of ``tasks``.
+
+        Parameters
+        ----------
+        source : TaskVectors-like, ``tensor(task, name) -> torch.Tensor`` (float32, base shape, CPU)
+        tasks : list of str
+        shapes : dict tensor name -> shape, in the base's order
+
+        Returns
+        -------
+        self
+        """
+        params = self.params if self.params is not None else FitParams()
+        self.result_ = _Fit(source, list(tasks), shapes, params, self.device, self.progress).run(self.shared)
+        self.result_.method = self.name
+        return self
+
+
+class PerTaskSVD(ClusterTucker):
+    """Each task stored as its own truncated SVD per matrix, ranks allocated across tensors and
+    tasks to meet the budget (how tvbase stores tasks added to a fitted store until ``compact``)."""
+
+    name = "svd"
+    shared = False
 
 class _Fit:
     def __init__(self, source, tasks, shapes, params, device, progress):
@@ -178,7 +218,8 @@ class _Fit:
             self._fit_factors(shared, None)
         else:
             self._fit_to_budget(shared)
-        self._measure_error()
+        measure_errors(self.source, self.tasks, self.shapes, self.result, self.device, self.progress)
+        self.result.kind = {t: "svd" if labels[t] is None else "shared" for t in self.tasks}
         return self.result
 
     def _fit_to_budget(self, shared):
@@ -233,12 +274,7 @@ class _Fit:
 
     def _factor_payloads(self):
         """Every fitted factor but the dense tensors, in the order the store writes them."""
-        for basis_by_name in self.result.clusters.values():
-            for basis in basis_by_name.values():
-                yield from (q for _, q in basis.parts())
-        for tensors in self.result.tasks.values():
-            for tt in tensors.values():
-                yield from (q for role, q in tt.parts() if role != "dense")
+        return (q for *_, role, q in packing_order(self.result.clusters, self.result.tasks) if role != "dense")
 
     def _scan(self, shared):
         """Pass 1 over every tensor: energies, dense tensors and, for a shared fit, the clusters."""
@@ -282,7 +318,7 @@ class _Fit:
         """
         payloads = []
         for name, (m, n) in self.matrices.items():
-            u, s, v = _truncated_svd(self._read(self.tasks[0], name), min(probe_rank, m, n))
+            u, s, v = _truncated_svd(self._read(self.tasks[0], name), min(probe_rank, m, n), self.p.seed)
             payloads += [quantize((u * s).cpu(), self.p.bits).to_bytes(), quantize(v.cpu(), self.p.bits).to_bytes()]
         raw = sum(len(p) for p in payloads)
         return min(1.0, compressed_nbytes(payloads) / raw) if raw else 1.0
@@ -378,7 +414,7 @@ class _Fit:
                 m, n = self.matrices[name]
                 e = self._residual(t, name)
                 q_max = min(m, n, self.p.max_rank)
-                s = _singular_values(e, q_max)
+                s = _singular_values(e, q_max, self.p.seed)
                 gain = cumulative(s.square().cpu().numpy()) * self._weight(t, name)
                 cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
                 curves.append((cost, gain))
@@ -391,67 +427,12 @@ class _Fit:
         for (t, name), q in zip(keys, ranks):
             if q == 0:
                 continue
-            u, s, v = _truncated_svd(self._residual(t, name), q)
+            u, s, v = _truncated_svd(self._residual(t, name), q, self.p.seed)
             tt = self.result.tasks[t][name]
             tt.A = quantize((u * s).cpu(), bits)  # (m, q)
             tt.B = quantize(v.cpu(), bits)  # (n, q)
             bar.update()
         bar.close()
-
-    def _measure_error(self):
-        measure_errors(self.source, self.tasks, self.shapes, self.result, self.device, self.progress)
-
-
-def measure_errors(source, tasks, shapes, result, device, progress):
-    """Fill ``result.rel_error`` and ``result.energy``: one more pass over the task vectors."""
-    bar = tqdm(total=len(tasks) * len(shapes), desc="measure error", disable=not progress, leave=False, unit="tensor")
-    for t in tasks:
-        err = total = 0.0
-        c = result.labels[t]
-        for name, shape in shapes.items():
-            x = source.tensor(t, name).to(device, torch.float32)
-            basis = result.clusters.get(c, {}).get(name) if c is not None else None
-            xh = rebuild_tensor(shape, [(1.0, basis, result.tasks[t][name])], device=device)
-            err += float((x - xh).square().sum())
-            total += float(x.square().sum())
-            bar.update()
-        result.rel_error[t] = (err / total) ** 0.5 if total > 0 else 0.0
-        result.energy[t] = total
-    bar.close()
-
-
-def fit_seed(source, tasks, shapes, method, params, n_components=None, device="cpu", progress=True):
-    """Fit one of the Task Vector Bases seed methods; the result has the shape of :func:`fit`'s.
-
-    Every task of the batch shares one basis ``S`` (and mean ``mu`` for PCA) per tensor, stored
-    with ``params.bits``; each task keeps its coefficient vector.
-    """
-    from .seed import fit_seed_basis
-
-    seed_result = fit_seed_basis(source, tasks, shapes, method, n_components=n_components, seed=params.seed, device=device)
-    result = FitResult(labels={t: 0 for t in tasks}, clusters={0: {}})
-    result.tasks = {t: {name: TaskTensor(coef=tuple(float(c) for c in seed_result.coefficients[t])) for name in shapes} for t in tasks}
-    for name, S, mu in seed_result.iter_tensors():
-        result.clusters[0][name] = SharedBasis(
-            S=quantize(S, params.bits), mu=None if mu is None else quantize(mu.reshape(-1, 1), params.bits)
-        )
-    measure_errors(source, tasks, shapes, result, device, progress)
-    result.info = {"method": method, "n_components": seed_result.M, **_json_safe(seed_result.info)}
-    return result
-
-
-def _json_safe(info):
-    """Scalars of ``info`` as plain Python values (arrays are left out of store metadata)."""
-    out = {}
-    for key, value in info.items():
-        if isinstance(value, (bool, int, float, str)) or value is None:
-            out[key] = value
-        elif isinstance(value, np.generic):
-            out[key] = value.item()
-        elif isinstance(value, np.ndarray) and value.ndim == 1 and len(value) <= 64 and key in ("labels", "eigenvalues"):
-            out[key] = value.tolist()
-    return out
-
 
 def _top_eigvecs(gram, r):
     """Top-``r`` eigenvectors of a symmetric PSD matrix, columns sign-fixed for determinism.
@@ -472,24 +453,35 @@ def _column_signs(u):
     return signs
 
 
-def _singular_values(x, q):
+def _singular_values(x, q, seed):
     """The top ``q`` singular values of ``x`` (m, n)."""
     if min(x.shape) <= 4 * q or min(x.shape) <= 512:
         return torch.linalg.svdvals(x)[:q]
-    _, s, _ = torch.svd_lowrank(x, q=q + 8, niter=4)
-    return s[:q]
+    return _randomized_svd(x, q, seed)[1]
 
 
-def _truncated_svd(x, q):
+def _truncated_svd(x, q, seed):
     """Rank-``q`` SVD of ``x`` (m, n): u (m, q), s (q,), v (n, q), signs fixed."""
     if min(x.shape) <= 4 * q or min(x.shape) <= 512:
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
         u, s, v = u[:, :q], s[:q], vh[:q].T
     else:
-        u, s, v = torch.svd_lowrank(x, q=q + 8, niter=4)  # returns V, not V^T
-        u, s, v = u[:, :q], s[:q], v[:, :q]
+        u, s, v = _randomized_svd(x, q, seed)
     signs = _column_signs(u)
     return u * signs, s, v * signs
+
+
+def _randomized_svd(x, q, seed, oversample=8, n_iter=4):
+    """Rank-``q`` randomized SVD (Halko, Martinsson and Tropp 2011, alg. 4.4) from a seeded
+    Gaussian test matrix, so equal inputs give equal factors: u (m, q), s (q,), v (n, q)."""
+    m, n = x.shape
+    gen = torch.Generator(device=x.device).manual_seed(int(seed))
+    omega = torch.randn(n, min(q + oversample, n), generator=gen, device=x.device, dtype=x.dtype)  # (n, k)
+    basis = torch.linalg.qr(x @ omega).Q  # (m, k)
+    for _ in range(n_iter):  # power iterations, re-orthonormalized each half step
+        basis = torch.linalg.qr(x @ torch.linalg.qr(x.T @ basis).Q).Q
+    ub, s, vh = torch.linalg.svd(basis.T @ x, full_matrices=False)  # (k, k), (k,), (k, n)
+    return (basis @ ub)[:, :q], s[:q], vh[:q].T
 
 
 def _keep_columns(q, cols):

@@ -1,0 +1,245 @@
+"""Write tensors out as (sharded) safetensors checkpoints, each file atomically.
+
+The only way model weights leave tvbase: :func:`save_checkpoint` streams tensors to one
+``.safetensors`` file or to Hugging Face style shards plus ``model.safetensors.index.json``;
+:func:`write_atomic` is the one atomic-replace helper every writer of a file uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tvbase.errors import InvalidInputError
+
+from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES
+
+__all__ = ["save_checkpoint", "write_atomic"]
+
+_SINGLE_NAME = "model.safetensors"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+# torch dtypes save_checkpoint accepts, with their safetensors names.
+_TORCH_TO_SAFETENSORS = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.complex64: "C64",
+}  # fmt: skip
+
+
+def save_checkpoint(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    path: str | os.PathLike,
+    max_shard_bytes: int = 2 * 1024**3,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write tensors as safetensors, streaming, each file atomically.
+
+    Parameters
+    ----------
+    tensors : iterable of (str, Tensor)
+        Names and tensors, any device and layout; may be a generator. At most one shard's worth
+        of tensors is held at a time.
+    path : str or os.PathLike
+        A path ending in ``.safetensors`` gets one file whatever its size. Any other path is a
+        directory (created if needed): one ``model.safetensors`` if everything fits in one shard,
+        else ``model-00001-of-0000N.safetensors`` shards plus ``model.safetensors.index.json``.
+        Files of an earlier checkpoint written there under these names are replaced or removed;
+        other files are left alone.
+    max_shard_bytes : int, default 2 GiB
+        Most tensor bytes per shard; a single larger tensor gets a shard of its own.
+    metadata : dict of str to str, optional
+        Stored in every file's header (``"format": "pt"`` is added unless given) and in the index.
+
+    Returns
+    -------
+    list of Path
+        The files written: the shards in order, then the index if there is one.
+
+    Raises
+    ------
+    InvalidInputError
+        On a bad name, duplicate name, unsupported dtype, bad ``max_shard_bytes`` or
+        ``metadata``, or no tensors at all.
+    """
+    path = Path(path)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise InvalidInputError(
+            f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}; pass e.g. 2 * 1024**3."
+        )
+    header_metadata = {"format": "pt", **_check_metadata(metadata)}
+    if path.suffix in PICKLE_SUFFIXES:
+        raise InvalidInputError(
+            f"cannot save to {str(path)!r}: tvbase writes safetensors only, never pickle; "
+            "use a path ending in .safetensors, or a directory."
+        )
+    if path.suffix == ".safetensors":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shard = dict(_saveable(tensors))
+        if not shard:
+            raise _no_tensors(path)
+        write_atomic(path, lambda temp: save_file(shard, temp, metadata=header_metadata))
+        return [path]
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(
+            f"cannot save to {str(path)!r}: it is an existing file and not a .safetensors path; "
+            "give a directory, or a path ending in .safetensors."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return _save_sharded(tensors, path, max_shard_bytes, header_metadata, metadata or {})
+
+
+# --- saving --------------------------------------------------------------------------------------------
+
+
+def _check_metadata(metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in metadata.items()
+    ):
+        raise InvalidInputError(
+            f"metadata must be a dict of str to str (safetensors stores text only), got {metadata!r}; "
+            "convert values with str() or json.dumps()."
+        )
+    return dict(metadata)
+
+
+def _saveable(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Validate names and yield each tensor as a dense, contiguous CPU tensor owning its storage."""
+    seen, storages = set(), set()
+    for item in tensors:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise InvalidInputError(
+                f"save_checkpoint expects (name, tensor) pairs, got {type(item).__name__}; "
+                "pass e.g. state_dict.items()."
+            )
+        name, tensor = item
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise InvalidInputError(
+                f"tensor name {name!r} is not allowed: expected a non-empty string other than "
+                "'__metadata__'; rename the tensor."
+            )
+        if name in seen:
+            raise InvalidInputError(f"tensor name {name!r} appears twice: names must be unique; rename one.")
+        seen.add(name)
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_meta:
+            raise InvalidInputError(
+                f"tensor {name!r} is {_describe(tensor)}: expected a dense torch.Tensor with data; "
+                "convert it with .to_dense() or materialize it first."
+            )
+        if tensor.dtype not in _TORCH_TO_SAFETENSORS:
+            raise InvalidInputError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store here: expected "
+                f"one of {', '.join(sorted(str(d) for d in _TORCH_TO_SAFETENSORS))}; convert it first."
+            )
+        tensor = tensor.detach().to("cpu").contiguous()
+        # safetensors refuses tensors sharing storage (tied weights) and a view would drag its
+        # whole storage along, so give such tensors storage of their own.
+        storage = tensor.untyped_storage()
+        if storage.nbytes() != tensor.nbytes or tensor.storage_offset() or storage.data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        yield name, tensor
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return "a meta tensor" if value.is_meta else f"a tensor of layout {value.layout}"
+    return f"a {type(value).__name__}"
+
+
+def _save_sharded(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: Path,
+    max_shard_bytes: int,
+    header_metadata: dict[str, str],
+    index_metadata: dict[str, str],
+) -> list[Path]:
+    # The shard count is unknown until the stream ends, so shards get temporary names first.
+    token = uuid.uuid4().hex
+    temps, weight_maps = [], []
+    shard, shard_bytes, total_bytes = {}, 0, 0
+
+    def flush() -> None:
+        temp = directory / f".tvbase-{token}-{len(temps):05d}.safetensors.tmp"
+        temps.append(temp)
+        save_file(shard, temp, metadata=header_metadata)
+        _fsync(temp)
+        weight_maps.append(list(shard))
+
+    try:
+        for name, tensor in _saveable(tensors):
+            if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
+                flush()
+                shard, shard_bytes = {}, 0
+            shard[name] = tensor
+            shard_bytes += tensor.nbytes
+            total_bytes += tensor.nbytes
+        if not shard:
+            raise _no_tensors(directory)
+        flush()
+        shard = {}  # release the last shard before renaming
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise
+
+    count = len(temps)
+    names = [_SINGLE_NAME] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    finals = [directory / name for name in names]
+    # Drop any old index first: a crash midway then leaves a checkpoint that fails to open loudly
+    # (several shards, no index) rather than an old index silently mixing old and new shards.
+    (directory / INDEX_NAME).unlink(missing_ok=True)
+    for temp, final in zip(temps, finals):
+        os.replace(temp, final)
+    written = list(finals)
+    if count > 1:
+        index = {
+            "metadata": {**index_metadata, "total_size": total_bytes},
+            "weight_map": {name: final.name for final, shard_names in zip(finals, weight_maps) for name in shard_names},
+        }
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        write_atomic(directory / INDEX_NAME, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
+        written.append(directory / INDEX_NAME)
+    for stale in directory.iterdir():
+        if stale not in finals and (stale.name == _SINGLE_NAME or _SHARD_NAME.fullmatch(stale.name)):
+            stale.unlink()
+    return written
+
+
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """Call ``write(temp_path)``, then move the result to ``path`` in one step: readers see the
+    old file or the whole new one, and a crash leaves no half-written file under ``path``."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(temp)
+        _fsync(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    # Without it a crash soon after os.replace could leave an empty file under the final name.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _no_tensors(path: Path) -> InvalidInputError:
+    return InvalidInputError(f"no tensors to save to {str(path)!r}: expected at least one (name, tensor) pair.")

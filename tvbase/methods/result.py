@@ -1,0 +1,56 @@
+"""What every method's fit produces, and the error pass they share."""
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..reconstruct import rebuild_tensor
+
+
+@dataclass
+class FitResult:
+    """What a fit produced, ready to be written by the store format.
+
+    method : str
+        Registry name of the method that fitted the shared bases (recorded per cluster).
+    clusters : dict cluster index -> {tensor name: SharedBasis}
+    labels : dict task -> cluster index, or None for tasks stored on their own (per-task SVD)
+    tasks : dict task -> {tensor name: TaskTensor}
+    kind : dict task -> str, how the task is stored (``"shared"``, ``"svd"``, a seed method)
+    rel_error : dict task -> ||tau_hat - tau|| / ||tau|| over the whole task vector
+    energy : dict task -> ||tau||^2
+    info : dict, method details worth keeping in the store's metadata
+    """
+
+    method: str = ""
+    clusters: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)
+    kind: dict = field(default_factory=dict)
+    rel_error: dict = field(default_factory=dict)
+    energy: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+
+def raw_bytes(shapes):
+    """Bytes of one task vector in fp32."""
+    return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values())
+
+
+def measure_errors(source, tasks, shapes, result, device, progress):
+    """Fill ``result.rel_error`` and ``result.energy``: one more pass over the task vectors."""
+    bar = tqdm(total=len(tasks) * len(shapes), desc="measure error", disable=not progress, leave=False, unit="tensor")
+    for t in tasks:
+        err = total = 0.0
+        c = result.labels[t]
+        for name, shape in shapes.items():
+            x = source.tensor(t, name).to(device, torch.float32)
+            basis = result.clusters.get(c, {}).get(name) if c is not None else None
+            xh = rebuild_tensor(shape, [(1.0, basis, result.tasks[t][name])], device=device)
+            err += float((x - xh).square().sum())
+            total += float(x.square().sum())
+            bar.update()
+        result.rel_error[t] = (err / total) ** 0.5 if total > 0 else 0.0
+        result.energy[t] = total
+    bar.close()

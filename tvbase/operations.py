@@ -1,0 +1,129 @@
+"""The store's writes: ingest, rm and compact, each one transaction.
+
+Each opens its inputs through :mod:`tvbase.io.sources`, fits with a method of
+:mod:`tvbase.methods`, and writes through :mod:`tvbase.format` inside ``Store._write`` (one
+commit). Everything that can be refused is refused before the fit starts.
+"""
+
+from pathlib import Path
+
+from .devices import resolve_device
+from .errors import AlreadyExistsError, InvalidInputError, StoreLockedError, TvbaseError
+from .format import drop_tasks, write_fit
+from .io.sources import StoredTask, TaskVectors, open_task
+from .methods import FitParams, get_method
+from .names import validate_task_name
+
+COMPACT_METHOD = "tvbase"  # compact refits every task, whatever stored it, with the store's own method
+
+
+def ingest(store, items, params=None, base=None, device=None, progress=True, wait=0.0, method="tvbase", n_components=None):
+    """Add fine-tunes as tasks, in one commit; see :meth:`tvbase.Store.ingest`."""
+    items = dict(items)
+    store._refresh()
+    if not items:
+        raise InvalidInputError("nothing to ingest: give at least one NAME=PATH")
+    for name in items:
+        validate_task_name(name)
+        if name in store.meta["tasks"]:
+            raise AlreadyExistsError(f"task {name!r} already exists in {store.path}; remove it first or choose another name")
+    requested = get_method(method)
+    first = not store.meta["tasks"]
+    # a method with a growth method (tvbase) fits an empty store and grows it another way until
+    # `compact`: the fit depends on whether the store is empty, so a change of that is a conflict
+    grows = requested.growth is not None
+    spec = get_method(requested.growth) if grows and not first else requested
+    if params is None:
+        params = FitParams.from_dict(store.meta["params"])
+        if spec.default_bits is not None:
+            params.bits = params.dense_bits = spec.default_bits
+    params.validate()
+    device = resolve_device(device)
+    base_checkpoint = store.open_base(base)
+    sources = {}
+    try:
+        for name, path in items.items():
+            sources[name] = open_task(path, base_checkpoint, store.meta["base"]["tensors"], f"task {name!r} ({path})")
+        estimator = spec.make(params, n_components=n_components, device=device, progress=progress)
+        result = estimator.fit(TaskVectors(sources), list(items), store.shapes).result_
+        recorded = {name: {"path": str(Path(p).resolve()), "hash": sources[name].hash} for name, p in items.items()}
+    finally:
+        for source in sources.values():
+            source.close()
+        base_checkpoint.close()
+    with store._write(f"ingest {', '.join(items)}", {"op": "ingest", "tasks": list(items)}, wait) as (root, meta):
+        taken = sorted(set(items) & set(meta["tasks"]))
+        if taken or (grows and (not meta["tasks"]) != first):
+            raise AlreadyExistsError(f"another writer changed the store during this ingest ({', '.join(taken) or 'new tasks'}); run it again")
+        write_fit(root, meta, result, store.shapes, params, recorded, append=True)
+        if grows and first:  # the first fit of the store's own method sets its defaults
+            meta["params"] = params.to_dict()
+    return store.version
+
+
+def rm(store, names, wait=0.0):
+    """Remove tasks (one commit); see :meth:`tvbase.Store.rm`."""
+    names = list(dict.fromkeys(names))
+    store._refresh()
+    for name in names:
+        store._task_meta(name)
+    with store._write(f"rm {', '.join(names)}", {"op": "rm", "tasks": names}, wait) as (root, meta):
+        for name in names:  # another writer may have changed the store since we opened it
+            store._task_meta(name)
+        drop_tasks(root, meta, store._snapshot.index, names)
+    return store.version
+
+
+def compact(store, params=None, device=None, progress=True, wait=0.0):
+    """Refit every task with the store's own method, as one commit; see :meth:`tvbase.Store.compact`."""
+    store._refresh()
+    if not store.meta["tasks"]:
+        raise InvalidInputError(f"store {store.path} has no tasks to compact")
+    params = params or FitParams.from_dict(store.meta["params"])
+    params.validate()
+    device = resolve_device(device)
+    tasks = store.tasks
+    fitted_version = store.version
+    base, originals = _originals(store, tasks)
+    sources = {t: originals.get(t) or StoredTask(store._snapshot, t, device) for t in tasks}
+    try:
+        with TaskVectors(sources) as task_vectors:
+            result = get_method(COMPACT_METHOD).make(params, device=device, progress=progress).fit(task_vectors, tasks, store.shapes).result_
+    finally:
+        if base is not None:
+            base.close()
+    old = {t: dict(store.meta["tasks"][t]) for t in tasks}
+    for t in tasks:
+        if t not in originals:  # a refit of a rebuild: the old error adds to the refit's
+            result.rel_error[t] += old[t]["rel_error"]
+    with store._write("compact", {"op": "compact", "tasks": tasks}, wait) as (root, meta):
+        if store.version != fitted_version:  # committing would undo another writer's change
+            raise StoreLockedError("another writer changed the store while compact was fitting; run compact again")
+        meta["tasks"], meta["clusters"] = {}, {}
+        write_fit(root, meta, result, store.shapes, params, {t: old[t]["source"] for t in tasks}, append=False, previous=old)
+        for t in tasks:
+            meta["tasks"][t]["refit_from"] = "original" if t in originals else "stored"
+        meta["params"] = params.to_dict()
+    return store.version
+
+
+def _originals(store, tasks):
+    """(base, {task: source}) for the tasks whose original input is still where it was ingested
+    from with the recorded content hash; base is None (and no task has one) when the base moved
+    or changed. The caller closes the base; TaskVectors closes the sources."""
+    try:
+        base = store.open_base(None)
+    except TvbaseError:
+        return None, {}  # base moved or changed: refit every task from its rebuild
+    originals = {}
+    for task in tasks:
+        recorded = store.meta["tasks"][task]["source"]
+        try:
+            source = open_task(recorded["path"], base, store.meta["base"]["tensors"], f"task {task!r} ({recorded['path']})")
+        except TvbaseError:
+            continue
+        if source.hash == recorded["hash"]:
+            originals[task] = source
+        else:
+            source.close()
+    return base, originals

@@ -1,0 +1,276 @@
+"""Where a store lives and how writes to it are made: locations, writer exclusion, transactions,
+versions and garbage collection, over an Icechunk repository.
+
+A *location* says where the repository is and how writers exclude each other:
+
+- a local directory (``STORE/repo`` is the Icechunk repository, ``STORE/writer.lock`` an
+  exclusive fcntl lock held by the one writer, recording who holds it);
+- ``memory://NAME``, an in-memory repository of this process (for tests), where Icechunk's
+  commit conflict detection refuses the second of two concurrent writers.
+
+The repository knows nothing of tvbase's format: a transaction yields a writable zarr root and
+commits it once.
+"""
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import icechunk
+import zarr
+
+from . import __version__
+from .errors import AlreadyExistsError, IntegrityError, InvalidInputError, NotFoundError, StoreLockedError
+
+icechunk.set_logs_filter("error")  # its local-storage concurrency warning is handled by our lock
+
+MEMORY_SCHEME = "memory://"
+
+
+class Location(ABC):
+    """Where one store's repository lives.
+
+    Attributes
+    ----------
+    path : Path or str, how the store is named in messages and ``info``.
+    """
+
+    path = None
+
+    @abstractmethod
+    def storage(self) -> icechunk.Storage:
+        """The Icechunk storage of the repository."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether a repository is there."""
+
+    @abstractmethod
+    def check_vacant(self) -> None:
+        """Raise AlreadyExistsError when something is already there; changes nothing."""
+
+    def prepare(self) -> None:
+        """Make room for a new repository (after :meth:`check_vacant`)."""
+        self.check_vacant()
+
+    def writer_exclusion(self, wait):
+        """Context manager held for a whole write. Default: none; Icechunk's commit conflict
+        detection refuses the later of two concurrent writers (see :meth:`Repository.transaction`)."""
+        return nullcontext()
+
+    def disk_bytes(self, repo) -> int:
+        """Bytes the repository takes, all versions together."""
+        return int(repo.total_chunks_storage())
+
+
+class LocalDirectory(Location):
+    """A store directory on a local file system: ``repo/`` and ``writer.lock``."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def storage(self):
+        return icechunk.local_filesystem_storage(str(self.path / "repo"))
+
+    def exists(self):
+        return (self.path / "repo").is_dir()
+
+    def check_vacant(self):
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise AlreadyExistsError(f"{self.path} already exists and is not an empty directory; choose a new store path")
+
+    def prepare(self):
+        self.check_vacant()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def writer_exclusion(self, wait):
+        return WriterLock(self.path / "writer.lock", wait=wait)
+
+    def disk_bytes(self, repo):
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+class InMemory(Location):
+    """``memory://NAME``: a repository held by this process, shared by every open of NAME."""
+
+    _storages = {}  # name -> icechunk.Storage, for the life of the process
+
+    def __init__(self, name):
+        if not name:
+            raise InvalidInputError(f"an in-memory store needs a name: {MEMORY_SCHEME}NAME")
+        self.name = name
+        self.path = f"{MEMORY_SCHEME}{name}"
+
+    def storage(self):
+        if self.name not in self._storages:
+            self._storages[self.name] = icechunk.in_memory_storage()
+        return self._storages[self.name]
+
+    def exists(self):
+        return self.name in self._storages and icechunk.Repository.exists(self._storages[self.name])
+
+    def check_vacant(self):
+        if self.exists():
+            raise AlreadyExistsError(f"{self.path} already exists; choose a new store name")
+
+    def prepare(self):
+        self.check_vacant()
+        self._storages.pop(self.name, None)  # a storage left by a create that failed before its commit
+
+
+def location(spec):
+    """The :class:`Location` named by ``spec``: ``memory://NAME``, or a local directory path."""
+    if isinstance(spec, Location):
+        return spec
+    text = str(spec)
+    if text.startswith(MEMORY_SCHEME):
+        return InMemory(text[len(MEMORY_SCHEME) :])
+    if "://" in text:
+        raise InvalidInputError(f"store location {text!r} is not supported: give a local directory or {MEMORY_SCHEME}NAME")
+    return LocalDirectory(spec)
+
+
+class WriterLock:
+    """Exclusive writer lock on a file (fcntl, released by the OS if the holder dies)."""
+
+    def __init__(self, path, wait=0.0):
+        self.path, self.wait = Path(path), float(wait)
+        self._fd = None
+
+    def __enter__(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    owner = self.path.read_text(errors="replace").strip() or "an unknown process"
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"store is locked by {owner}; wait for it to finish or pass --wait SECONDS"
+                    ) from None
+                time.sleep(0.1)
+        since = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": since, "command": " ".join(sys.argv[:3])}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+@dataclass
+class Transaction:
+    """One write in progress: ``root`` is writable, ``base_version`` the head it started from;
+    ``version`` is the new snapshot id once the transaction has committed."""
+
+    root: zarr.Group
+    base_version: str
+    version: str | None = None
+
+
+class Repository:
+    """An Icechunk repository at a location: versions of ``main``, transactions, gc.
+
+    Build with :meth:`create` or :meth:`open`.
+    """
+
+    def __init__(self, where, repo):
+        self.location, self._repo = where, repo
+
+    @classmethod
+    def create(cls, where):
+        """A new, empty repository (no tvbase version yet) at location ``where``."""
+        where.prepare()
+        return cls(where, icechunk.Repository.create(where.storage()))
+
+    @classmethod
+    def open(cls, where):
+        if not where.exists():
+            raise NotFoundError(f"no tvbase store at {where.path} (create one with `tvbase init {where.path} --base BASE`)")
+        return cls(where, icechunk.Repository.open(where.storage()))
+
+    def head(self):
+        """Snapshot id of the latest version of ``main``."""
+        return self._repo.lookup_branch("main")
+
+    def root(self, version):
+        """The read-only zarr root group of snapshot ``version``."""
+        try:
+            return zarr.open_group(self._repo.readonly_session(snapshot_id=version).store, mode="r")
+        except Exception as e:  # damaged snapshot or manifest: never a traceback, never a guess
+            raise IntegrityError(f"store {self.location.path} is damaged at version {version}: {type(e).__name__}: {e}") from None
+
+    def resolve(self, at):
+        """Snapshot id of version ``at``: None (latest), a tag, or an id or unique id prefix."""
+        if at is None:
+            return self.head()
+        if at in self._repo.list_tags():
+            return self._repo.lookup_tag(at)
+        matches = [v["id"] for v in self.log() if v["id"].startswith(at.upper())] if at else []
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidInputError(f"version prefix {at!r} is ambiguous: {', '.join(matches[:5])}")
+        raise NotFoundError(f"no version {at!r} in this store; `tvbase log` lists the versions")
+
+    def log(self):
+        """Versions from newest to oldest: dicts with id, time, message, metadata."""
+        return [
+            {"id": s.id, "time": s.written_at.isoformat(timespec="seconds"), "message": s.message, "metadata": dict(s.metadata)}
+            for s in self._repo.ancestry(branch="main")
+            if "__root" not in s.metadata  # Icechunk's empty initial snapshot holds no tvbase store
+        ]
+
+    @contextmanager
+    def transaction(self, message, metadata, wait=0.0):
+        """Exclude other writers, yield a :class:`Transaction` on the head of ``main``, and
+        commit once when the block ends without an exception (nothing is written otherwise).
+
+        Raises StoreLockedError when another writer holds the location's lock past ``wait``
+        seconds, or committed first where writers are told apart by commit conflicts.
+        """
+        with self.location.writer_exclusion(wait):
+            session = self._repo.writable_session("main")
+            tx = Transaction(zarr.open_group(session.store, mode="a"), session.snapshot_id)  # "a": create makes the root
+            yield tx
+            try:
+                tx.version = session.commit(message, metadata={**metadata, "tvbase_version": __version__})
+            except icechunk.ConflictError:
+                raise StoreLockedError(
+                    f"another writer committed to {self.location.path} during this write; nothing was written, run it again"
+                ) from None
+
+    def gc(self, keep, wait=0.0):
+        """Expire all but the ``keep`` newest versions of main and delete what only they used.
+
+        Returns the number of expired versions. Tags keep their snapshots alive.
+        """
+        if not isinstance(keep, int) or keep < 1:
+            raise InvalidInputError(f"--keep must be a positive integer, got {keep!r}")
+        with self.location.writer_exclusion(wait):
+            history = list(self._repo.ancestry(branch="main"))
+            if len(history) <= keep:
+                return 0
+            cutoff = history[keep - 1].written_at
+            expired = self._repo.expire_snapshots(older_than=cutoff)
+            self._repo.garbage_collect(delete_object_older_than=cutoff)
+        return len(expired)
+
+    def disk_bytes(self):
+        return self.location.disk_bytes(self._repo)

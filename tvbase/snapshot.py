@@ -1,0 +1,109 @@
+"""One version of a store, opened for reading: metadata, offset table and payload reads.
+
+A :class:`Snapshot` finds each task's and cluster's factors through the offset table, decodes
+payload chunks through a small cache, and hands the factors of one tensor to
+:func:`tvbase.reconstruct.rebuild_tensor`.
+"""
+
+import numpy as np
+
+from .codec import PAYLOAD_CHUNK, QuantizedMatrix, SharedBasis, TaskTensor
+from .errors import IntegrityError
+from .format import OWNER_SHARED, OWNER_TASK, ROLES, load, read_array
+from .reconstruct import rebuild_tensor
+
+_CHUNK_CACHE = 8  # decoded payload chunks kept per open snapshot (16 MiB)
+
+
+class Snapshot:
+    """The store at one version.
+
+    Parameters
+    ----------
+    root : zarr.Group of the version, read-only.
+    where : str, how messages name the store.
+    version : str, the snapshot id.
+
+    Attributes
+    ----------
+    version : str
+    meta : dict, the ``tvbase`` attribute (see :mod:`tvbase.format`).
+    index : ndarray of shape (n_entries, 9), int64, the offset table.
+    payload : zarr.Array of uint8.
+    """
+
+    def __init__(self, root, where, version):
+        self.version = version
+        self.meta, self.index, self.payload = load(root, where, version)
+        self.tensor_id = {name: i for i, name in enumerate(self.meta["tensors"])}
+        self._rows = {}  # (owner_kind, owner_id, tensor_id) -> {role: index row}
+        for row in self.index:
+            self._rows.setdefault((int(row[0]), int(row[1]), int(row[2])), {})[ROLES[int(row[3])]] = row
+        self._shared_cache = {}
+        self._chunk_cache = {}  # chunk number -> decoded bytes, at most _CHUNK_CACHE of them
+
+    @property
+    def shapes(self):
+        """Tensor name -> shape of the base, in the base's order."""
+        return {name: tuple(self.meta["base"]["tensors"][name]["shape"]) for name in self.meta["tensors"]}
+
+    @property
+    def payload_length(self):
+        return int(self.payload.shape[0])
+
+    def rebuild(self, name, coefficients, device):
+        """``sum alpha_t tau_t`` of tensor ``name`` for a dict task -> alpha (tasks known).
+
+        Terms are combined in sorted task order, so equal requests give equal bits whatever the
+        order of the dict.
+        """
+        shape = self.shapes[name]
+        terms = []
+        for task in sorted(coefficients):
+            cluster = self.meta["tasks"][task]["cluster"]
+            shared = self._shared(cluster, name) if cluster is not None else None
+            terms.append((coefficients[task], shared, self._task_tensor(task, name)))
+        return rebuild_tensor(shape, terms, device=device)
+
+    def read_payload(self, start, n):
+        """Bytes ``start:start+n`` of the payload, through a small cache of decoded chunks.
+
+        Factors are small and packed back to back, so one 2 MiB chunk serves many reads; decoding
+        it once (checksum included) instead of per factor makes a rebuild ~10x faster.
+        """
+        end = min(start + n, self.payload_length)
+        parts = []
+        for chunk in range(start // PAYLOAD_CHUNK, (max(end, start + 1) - 1) // PAYLOAD_CHUNK + 1):
+            if chunk not in self._chunk_cache:
+                if len(self._chunk_cache) >= _CHUNK_CACHE:
+                    self._chunk_cache.pop(next(iter(self._chunk_cache)))  # oldest first
+                lo = chunk * PAYLOAD_CHUNK
+                self._chunk_cache[chunk] = read_array(self.payload, "payload", slice(lo, lo + PAYLOAD_CHUNK))
+            base = chunk * PAYLOAD_CHUNK
+            data = self._chunk_cache[chunk]
+            parts.append(data[max(start - base, 0) : max(min(end - base, len(data)), 0)])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def owned_bytes(self, kind, owner):
+        """Payload bytes of the factors of one task (``OWNER_TASK``) or cluster (``OWNER_SHARED``)."""
+        rows = self.index[(self.index[:, 0] == kind) & (self.index[:, 1] == owner)] if len(self.index) else self.index
+        return int(rows[:, 8].sum())
+
+    def _read_factor(self, row):
+        start, n = int(row[7]), int(row[8])
+        data = self.read_payload(start, n)
+        if data.shape[0] != n:
+            raise IntegrityError(f"payload ends before entry at offset {start} (+{n} bytes); run `tvbase verify`")
+        return QuantizedMatrix.from_bytes(data, int(row[6]), (int(row[4]), int(row[5])))
+
+    def _shared(self, cluster, name):
+        key = (cluster, name)
+        if key not in self._shared_cache:
+            rows = self._rows.get((OWNER_SHARED, cluster, self.tensor_id[name]))
+            self._shared_cache[key] = SharedBasis(**{r: self._read_factor(row) for r, row in rows.items()}) if rows else None
+        return self._shared_cache[key]
+
+    def _task_tensor(self, task, name):
+        tm = self.meta["tasks"][task]
+        rows = self._rows.get((OWNER_TASK, tm["id"], self.tensor_id[name]), {})
+        return TaskTensor(coef=tm.get("coefficients"), **{role: self._read_factor(row) for role, row in rows.items()})
