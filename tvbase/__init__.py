@@ -1,9 +1,8 @@
 """tvbase: many fine-tunes of one base model as a compact, factorized task-vector basis."""
 
-__version__ = "0.1.0"
-
-from .arithmetic import parse_expression  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .arithmetic import parse_expression
+from .errors import (
     AlreadyExistsError,
     BaseMismatchError,
     FormatVersionError,
@@ -13,8 +12,8 @@ from .errors import (  # noqa: E402
     StoreLockedError,
     TvbaseError,
 )
-from .methods import FitParams  # noqa: E402
-from .store import Store  # noqa: E402
+from .methods import FitParams
+from .store import Store
 
 
 def open_store(path, at=None):

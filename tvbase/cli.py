@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .bench import DESCRIPTIONS
 from .codec import parse_bits
 from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, exit_code

@@ -22,7 +22,7 @@ import json
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .codec import PAYLOAD_CHUNK, matrix_shape, packing_order, payload_nbytes, zarr_compressors
 from .errors import FormatVersionError, IntegrityError, TvbaseError
 from .methods.result import raw_bytes

@@ -27,7 +27,7 @@ from pathlib import Path
 import icechunk
 import zarr
 
-from . import __version__
+from ._version import __version__
 from .errors import AlreadyExistsError, IntegrityError, InvalidInputError, NotFoundError, StoreLockedError
 
 icechunk.set_logs_filter("error")  # its local-storage concurrency warning is handled by our lock
