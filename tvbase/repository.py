@@ -67,8 +67,9 @@ class Location(ABC):
         return nullcontext()
 
     def disk_bytes(self, repo) -> int:
-        """Bytes the repository takes, all versions together."""
-        return int(repo.total_chunks_storage())
+        """Bytes the repository takes, all versions together: here its chunks (native and
+        inlined), without snapshots and manifests, which only a file listing would count."""
+        return int(repo.chunk_storage_stats().non_virtual_bytes)
 
 
 class LocalDirectory(Location):
