@@ -69,7 +69,8 @@ class Location(ABC):
     def disk_bytes(self, repo) -> int:
         """Bytes the repository takes, all versions together: here its chunks (native and
         inlined), without snapshots and manifests, which only a file listing would count."""
-        return int(repo.chunk_storage_stats().non_virtual_bytes)
+        stats = repo.chunk_storage_stats()
+        return int(stats.native_bytes + stats.inlined_bytes)
 
 
 class LocalDirectory(Location):
