@@ -176,7 +176,7 @@ class TvbaseStore(StoreMethod):
 
     family = "tvbase"
     series = family
-    reference = "this project: cluster-shared Tucker-2, int4 factors and dense tensors (DESIGN.md)"
+    reference = "this project: cluster-shared Tucker-2, int4 factors and dense tensors (README.md, ARCHITECTURE.md)"
 
     def __init__(self, budget: float, device: str = "cpu", seed: int = 0):
         super().__init__(device=device, seed=seed)

@@ -9,7 +9,7 @@ predict what a write takes on disk, so that a byte budget counts what the store 
 from numcodecs import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-PAYLOAD_CHUNK = 2 * 1024 * 1024  # bytes; DESIGN asks for 1-8 MiB chunks
+PAYLOAD_CHUNK = 2 * 1024 * 1024  # bytes: chunks of 1-8 MiB keep object-store reads efficient and few
 PAYLOAD_ZSTD_LEVEL = 3
 
 # What the store spends on disk besides the payload, measured on the test and benchmark zoos

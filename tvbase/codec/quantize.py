@@ -1,7 +1,7 @@
 """Quantization of factor matrices with one absmax scale per column.
 
 Factor matrices (``U``, ``V``, cores, per-task SVD factors) are small next to the tensors they
-rebuild, and the pilot measured int8 factors within 0.001 accuracy of fp32 (see DESIGN.md), so a
+rebuild, and a pilot on a 24-task digits zoo measured int8 factors within 0.001 accuracy of fp32, so a
 plain symmetric round-to-nearest quantizer is enough; no calibration, no outlier handling.
 
 Payload layout (all little-endian, self-contained given ``bits`` and ``shape``):
