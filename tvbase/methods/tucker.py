@@ -344,33 +344,52 @@ class _Fit:
 
     def _shared_bases(self, labels):
         """Per tensor and cluster: shared U, V at the largest rank, the tasks' cores, and the
-        cost and captured-energy curves of every rank."""
+        cost and captured-energy curves of every rank.
+
+        ``U`` and ``V`` are the leading left and right singular vectors of the cluster's task
+        vectors side by side (Tucker-2 by HOSVD), found without an m x m or n x n matrix: a
+        randomized range finder (Halko, Martinsson and Tropp 2011, alg. 4.1) sketches both sides
+        in one read of the cluster, ``Y = sum_t X_t Omega_t`` (m, l_u) and ``Z = sum_t X_t^T
+        Psi_t`` (n, l_v) (stacked, the ``Omega_t`` are one Gaussian test matrix of the
+        concatenation ``[X_1 ... X_k]``); a second read projects every task, ``K_t = Q_U^T X_t
+        Q_V`` (l_u, l_v), and sums the small Grams of ``Q_U^T X_t`` and ``X_t Q_V``, whose leading
+        eigenvectors rotate ``Q_U``, ``Q_V`` into ``U``, ``V`` (Rayleigh-Ritz). A side no longer
+        than the sketch is taken whole, which makes small matrices exact.
+        """
         bits = self.p.bits
         members = {}
         for t, c in labels.items():
             members.setdefault(c, []).append(t)
         items = []  # (cluster, name, qU, qV, cores, ru, rv, cost, gain)
         bar = self._bar(2 * len(self.tasks) * len(self.matrices), "shared basis")
-        for name, (m, n) in self.matrices.items():
+        for i, (name, (m, n)) in enumerate(self.matrices.items()):
             for c, group in sorted(members.items()):
                 k = len(group)
-                gl = torch.zeros(m, m, dtype=torch.float64, device=self.device)
-                gr = torch.zeros(n, n, dtype=torch.float64, device=self.device)
-                for t in group:
-                    x = self._read(t, name).double()
-                    gl += x @ x.T
-                    gr += x.T @ x
-                    bar.update()
                 ru_max = min(m, k * n, self.p.max_rank)
                 rv_max = min(n, k * m, self.p.max_rank)
-                qU = quantize(_top_eigvecs(gl, ru_max).float().cpu(), bits)
-                qV = quantize(_top_eigvecs(gr, rv_max).float().cpu(), bits)
-                del gl, gr
-                U, V = dequantize(qU, device=self.device), dequantize(qV, device=self.device)
-                cores = {}
+                gen = torch.Generator(device=self.device).manual_seed(self.p.seed * 1_000_003 + i * 1009 + int(c))
+                Q_U, Q_V = self._range(group, name, m, n, ru_max, rv_max, gen, bar)  # (m, l_u) or None, (n, l_v) or None
+                gram_u = gram_v = 0
+                projected = {}
                 for t in group:
-                    cores[t] = U.T @ self._read(t, name) @ V  # (ru_max, rv_max)
+                    x = self._read(t, name)
+                    left = x if Q_U is None else Q_U.T @ x  # (l_u, n)
+                    right = x if Q_V is None else x @ Q_V  # (m, l_v)
+                    gram_u = gram_u + left.double() @ left.double().T  # (l_u, l_u)
+                    gram_v = gram_v + right.double().T @ right.double()  # (l_v, l_v)
+                    projected[t] = left if Q_V is None else left @ Q_V  # K_t (l_u, l_v)
                     bar.update()
+                U = _top_eigvecs(gram_u, ru_max).float()  # (l_u, ru_max)
+                V = _top_eigvecs(gram_v, rv_max).float()  # (l_v, rv_max)
+                del gram_u, gram_v
+                qU = quantize((U if Q_U is None else Q_U @ U).cpu(), bits)  # (m, ru_max)
+                qV = quantize((V if Q_V is None else Q_V @ V).cpu(), bits)  # (n, rv_max)
+                # cores of the stored (quantized) bases: U_q^T X_t V_q = (U_q^T Q_U) K_t (Q_V^T V_q)
+                Uq, Vq = dequantize(qU, device=self.device), dequantize(qV, device=self.device)
+                to_u = Uq.T if Q_U is None else Uq.T @ Q_U  # (ru_max, l_u)
+                to_v = Vq if Q_V is None else Q_V.T @ Vq  # (l_v, rv_max)
+                cores = {t: to_u @ K @ to_v for t, K in projected.items()}  # (ru_max, rv_max)
+                del projected
                 r_max = max(ru_max, rv_max)
                 ru = np.minimum(np.arange(r_max + 1), ru_max)
                 rv = np.minimum(np.arange(r_max + 1), rv_max)
@@ -388,6 +407,24 @@ class _Fit:
                 items.append((c, name, qU, qV, cores, ru, rv, cost, gain))
         bar.close()
         return items
+
+    def _range(self, group, name, m, n, ru_max, rv_max, gen, bar):
+        """Orthonormal bases ``Q_U`` (m, l_u) and ``Q_V`` (n, l_v) of the sketched column and row
+        ranges of a cluster's tasks, from one read of each; ``None`` for a side that the sketch
+        would cover whole (then the side is used as it is)."""
+        l_u, l_v = ru_max + _oversample(ru_max), rv_max + _oversample(rv_max)
+        sketch_u, sketch_v = l_u < m, l_v < n
+        Y = torch.zeros(m, l_u, device=self.device) if sketch_u else None
+        Z = torch.zeros(n, l_v, device=self.device) if sketch_v else None
+        for t in group:
+            if sketch_u or sketch_v:
+                x = self._read(t, name)
+                if sketch_u:
+                    Y += x @ torch.randn(n, l_u, generator=gen, device=self.device)  # (m, l_u)
+                if sketch_v:
+                    Z += x.T @ torch.randn(m, l_v, generator=gen, device=self.device)  # (n, l_v)
+            bar.update()
+        return (torch.linalg.qr(Y).Q if sketch_u else None), (torch.linalg.qr(Z).Q if sketch_v else None)
 
     def _shared_part(self, task, name):
         """The task's rebuilt shared term for one matrix, or None."""
@@ -442,6 +479,12 @@ def _top_eigvecs(gram, r):
     _, vecs = torch.linalg.eigh(gram)  # ascending
     top = vecs[:, -r:].flip(1) if r > 0 else vecs[:, :0]
     return top * _column_signs(top)
+
+
+def _oversample(rank):
+    """Extra sketch columns for a range of ``rank``: a quarter more, at least 8. The allocated
+    ranks are usually far below ``rank`` (max_rank), so they get much more than this."""
+    return max(8, rank // 4)
 
 
 def _column_signs(u):
