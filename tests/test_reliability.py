@@ -67,6 +67,56 @@ def test_concurrent_readers_only_see_committed_versions(crash_setup, tmp_path):
     assert result["reads"] >= 20
     assert result["versions_seen"] >= 2, "the readers did not overlap the writer"
     assert sorted(Store.open(tmp_path / "concurrent").tasks) == ["t1", "t2", "t3", "t4", "t5", "t6"]
+    assert result["read_rtol"] == rel.READ_RTOL and result["max_accepted_deviation"] <= rel.READ_RTOL
+
+
+def test_read_check_flags_a_read_mixing_two_versions(crash_setup, tmp_path):
+    """``check_reads`` (the concurrency check, under READ_RTOL) accepts honest reads rounded
+    differently and flags torn reads: tensors of two versions, some of each, under one name."""
+    path = tmp_path / "store"
+    shutil.copytree(crash_setup.templates["grown"], path)  # t0-t3 (shared fit), then t4
+    before_t4 = Store.open(path).log()[1]["id"]
+    Store.open(path).compact(device=rel.DEVICE, progress=False)  # refits: the rebuilds move
+    b = Store.open(path)
+    a = Store.open(path, at=b.log()[1]["id"])
+    coefficients = {"t4": 1.0, "t1": -0.5, "t2": 0.7}
+    ta, tb = a.compose(coefficients, device=rel.DEVICE), b.compose(coefficients, device=rel.DEVICE)
+    moved = {n: float((ta[n] - tb[n]).norm() / tb[n].norm()) for n in ta}
+    changed = sorted((n for n in moved if moved[n] > 0), key=moved.get)
+    assert len(changed) >= 2 and len(changed) < len(moved), moved  # some tensors move, dense ones do not
+    assert moved[changed[0]] > 10 * rel.READ_RTOL, "the versions must differ by more than rounding"
+
+    def record(store, tensors, kind="compose", coef=coefficients):
+        return {"version": store.version, "kind": kind, "coefficients": coef, "signature": rel.signature(tensors)}
+
+    threads = torch.get_num_threads()
+    try:  # honest reads from a process with another BLAS thread count
+        torch.set_num_threads(1)
+        one_thread = {s.version: s.compose(coefficients, device=rel.DEVICE) for s in (a, b)}
+        got_t4 = b.get("t4", device=rel.DEVICE)
+    finally:
+        torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    rounded = {n: t * (1 + 1e-6 * torch.randn(t.shape, generator=gen)) for n, t in ta.items()}  # 1e-6 noise
+    honest = [record(a, ta), record(b, tb), record(a, one_thread[a.version]), record(b, one_thread[b.version]),
+              record(a, rounded), record(b, got_t4, "get", {"t4": 1.0})]
+    assert rel.check_reads(path, honest) == []
+
+    torn = [
+        record(a, {**ta, changed[0]: tb[changed[0]]}),  # version A's read, its least-moved tensor from B
+        record(b, {**tb, changed[0]: ta[changed[0]]}),  # and the reverse
+        record(a, {n: (ta if i % 2 else tb)[n] for i, n in enumerate(ta)}),  # every other tensor from B
+        record(a, tb),  # all of B under A's name: a stale version id
+        record(a, {n: ta[n] for n in ta if n != changed[-1]}),  # a tensor missing
+        {**record(a, ta), "version": before_t4},  # claims a version without t4
+        {**record(a, ta), "version": "0" * 20},  # claims a version that was never committed
+    ]
+    bad, deviations = rel.check_reads(path, honest + torn, with_deviations=True)
+    assert [d > rel.READ_RTOL for d in deviations] == [False] * len(honest) + [True] * len(torn)
+    assert len(bad) == len(torn) and all(r["deviation"] > rel.READ_RTOL for r in bad)
+    assert max(deviations[: len(honest)]) < rel.READ_RTOL / 10  # rounding stays far below the tolerance
+    assert min(deviations[len(honest):]) > 10 * rel.READ_RTOL  # a torn read stays far above it
+    assert "NotFoundError" in bad[-2]["error"] and bad[-1]["error"] == "not a committed version"
 
 
 def test_second_writer_is_refused_then_waits(crash_setup, tmp_path):
