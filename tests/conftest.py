@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tvbase.methods import FitParams
 from tvbase.store import Store
+from tvbase.testing.metrics import max_relative_error
 from tvbase.testing.zoo import SyntheticZoo, build_synthetic_zoo
 
 # Base model: 2-D weights, a conv kernel (factorized as (8, 36)), a bias and a (1, 5, 16)
@@ -142,20 +143,10 @@ def snapshot_state():
     return _snapshot_state
 
 
-def rel_max_error(actual, expected):
-    """max |actual - expected| / max |expected| (0 when both are zero)."""
-    actual, expected = actual.double(), expected.double()
-    denom = float(expected.abs().max()) if expected.numel() else 0.0
-    err = float((actual - expected).abs().max()) if expected.numel() else 0.0
-    if denom == 0.0:
-        return err
-    return err / denom
-
-
 @pytest.fixture
 def rel_error():
-    """``rel_max_error(actual, expected)`` helper."""
-    return rel_max_error
+    """``max_relative_error(actual, expected)`` helper (see ``tvbase.testing.metrics``)."""
+    return max_relative_error
 
 
 def load(path):

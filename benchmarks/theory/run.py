@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 
 from tvbase import FitParams, Store
 from tvbase.bench.report import markers, replace_section
+from tvbase.testing.metrics import relative_error
 
 from .model import Dims, Patterns, accuracy, init_params, param_shapes, sample_task, train
 
@@ -187,17 +188,11 @@ def build_stores(cfg, zoo, root):
     return stores
 
 
-def _rel_error(approx, exact):
-    num = sum(float((approx[k] - exact[k]).square().sum()) for k in exact)
-    den = sum(float(exact[k].square().sum()) for k in exact)
-    return math.sqrt(num / den)
-
-
 def store_summary(store, reference, sparse_reference=None):
     """Relative Frobenius error of every stored task vector against the true tau, and storage."""
-    out = {"rel_error_vs_tau": {t: _rel_error(store.get(t, device="cpu"), reference[t]) for t in FINETUNED}}
+    out = {"rel_error_vs_tau": {t: relative_error(store.get(t, device="cpu"), reference[t]) for t in FINETUNED}}
     if sparse_reference is not None:
-        out["rel_error_vs_pruned_tau"] = {t: _rel_error(store.get(t, device="cpu"), sparse_reference[t]) for t in FINETUNED}
+        out["rel_error_vs_pruned_tau"] = {t: relative_error(store.get(t, device="cpu"), sparse_reference[t]) for t in FINETUNED}
     try:
         out["storage"] = {row["name"]: float(row["storage"]) for row in store.ls()}
     except Exception as exc:  # ls() belongs to the store's reporting API; not needed for the claims
