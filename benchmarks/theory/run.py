@@ -115,8 +115,8 @@ def task_patterns(frame, cos, partial_cos):
     }, (e(1) - e(2)) / math.sqrt(2)
 
 
-class Zoo:
-    """Base, fine-tunes, their checkpoints and every data split of one seed."""
+class TheoryZoo:
+    """Trained one-layer transformers of one seed: base, fine-tunes, their checkpoints and every data split."""
 
     def __init__(self, cfg, seed, root, dims=Dims()):
         self.seed, self.root, self.dims = seed, Path(root), dims
@@ -574,7 +574,7 @@ def run(cfg, workdir, log=print):
     per_seed = {}
     for seed in cfg.seeds:
         t0 = time.perf_counter()
-        zoo = Zoo(cfg, seed, Path(workdir) / f"seed{seed}" / "checkpoints")
+        zoo = TheoryZoo(cfg, seed, Path(workdir) / f"seed{seed}" / "checkpoints")
         stores = build_stores(cfg, zoo, Path(workdir) / f"seed{seed}" / "stores")
         t1 = time.perf_counter()
         entry = {
