@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from tvbase import FitParams, Store
-from tvbase.bench.memory_accuracy import relative_error
 from tvbase.demo.zoo import Zoo
+from tvbase.testing.metrics import relative_error
 
 SPLITS = ("val", "test")
 

@@ -56,9 +56,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from tvbase.bench.report import markers, replace_section
+from tvbase.testing.zoo import SyntheticZoo, build_synthetic_zoo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO_ROOT / "benchmarks" / "RESULTS.md"
@@ -85,16 +86,7 @@ CLUSTERS = 2
 RANK, DELTA, NOISE = 3, 0.05, 0.002
 
 
-@dataclass
-class Zoo:
-    """A base checkpoint and fine-tunes on disk. ``tasks``: name -> path, in order."""
-
-    root: Path
-    base: Path
-    tasks: dict
-
-    def items(self, names):
-        return [f"{n}={self.tasks[n]}" for n in names]
+Zoo = SyntheticZoo  # root, base, tasks (name -> path, in order), tensors; items(names) for the CLI
 
 
 def build_zoo(root, n_tasks=8, seed=0, wide=0):
@@ -103,37 +95,9 @@ def build_zoo(root, n_tasks=8, seed=0, wide=0):
     ``wide`` > 0 adds a 1-D tensor of that many entries (stored densely, about one byte per entry
     per task), so that a store spans several 2 MiB payload chunks.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     shapes = dict(SHAPES, **({"wide.scale": (wide,)} if wide else {}))
-    gen = torch.Generator().manual_seed(seed)
-    base = {name: torch.randn(*shape, generator=gen) for name, shape in shapes.items()}
-    save_file(base, root / "base.safetensors")
-    families = []
-    for _ in range(2):
-        fam = {}
-        for name, shape in shapes.items():
-            if len(shape) == 2:
-                qa, _ = torch.linalg.qr(torch.randn(shape[0], RANK, generator=gen))  # (m, r)
-                qb, _ = torch.linalg.qr(torch.randn(shape[1], RANK, generator=gen))  # (n, r)
-                fam[name] = (qa, qb, torch.randn(RANK, RANK, generator=gen))
-        families.append(fam)
-    tasks = {}
-    for i in range(n_tasks):
-        fam = families[i % 2]
-        tensors = {}
-        for name, shape in shapes.items():
-            if len(shape) == 2:
-                qa, qb, core = fam[name]
-                own = core + 0.5 * torch.randn(RANK, RANK, generator=gen)
-                low = qa @ own @ qb.T * (DELTA * math.sqrt(shape[0] * shape[1] / RANK))  # (m, n)
-                delta = low + NOISE * torch.randn(*shape, generator=gen)
-            else:
-                delta = DELTA * torch.randn(*shape, generator=gen)
-            tensors[name] = base[name] + delta
-        tasks[f"t{i}"] = root / f"t{i}.safetensors"
-        save_file(tensors, tasks[f"t{i}"])
-    return Zoo(root, root / "base.safetensors", tasks)
+    families = {f"t{i}": i % 2 for i in range(n_tasks)}
+    return build_synthetic_zoo(root, shapes, families, n_families=2, seed=seed, rank=RANK, delta_scale=DELTA, noise_scale=NOISE)
 
 
 def make_store(path, zoo, ingests=(), removes=()):

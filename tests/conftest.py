@@ -6,9 +6,8 @@ shared fit finds two clusters. Everything is seeded; the whole zoo is a few tens
 """
 
 import hashlib
-import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tvbase.methods import FitParams
-from tvbase.io.save import save_checkpoint
 from tvbase.store import Store
+from tvbase.testing.metrics import max_relative_error
+from tvbase.testing.zoo import SyntheticZoo, build_synthetic_zoo
 
 # Base model: 2-D weights, a conv kernel (factorized as (8, 36)), a bias and a (1, 5, 16)
 # position table (both stored densely), and an integer buffer that fine-tuning leaves alone.
@@ -33,7 +33,8 @@ INT_BUFFER = "position_ids"  # int64 (5,), identical in every fine-tune
 FAMILY = {"a0": 0, "a1": 0, "a2": 0, "b0": 1, "b1": 1, "a_sharded": 0, "c_new": 1}
 FIRST_INGEST = ["a0", "a1", "a2", "b0", "b1", "a_sharded"]  # shared fit (first ingest)
 LATER_INGEST = ["c_new"]  # stored as per-task SVD (second ingest)
-BF16_TASKS = ["h0", "h1", "h2"]
+SHARDED = {"a_sharded": 1500}  # task -> max_shard_bytes: at least 3 files (2 shards + index)
+BF16_TASKS = {"h0": "a0", "h1": "a1", "h2": "b0"}  # bf16 task -> the fp32 task it rounds
 
 # Scales: weights ~N(0, 1); deltas ~0.05 per entry (low rank), noise 0.002 per entry.
 DELTA_SCALE = 0.05
@@ -41,22 +42,11 @@ NOISE_SCALE = 0.002
 RANK = 3
 
 
-def _matrix(shape):
-    m = shape[0]
-    n = math.prod(shape[1:])
-    return (m, n) if len(shape) >= 2 and min(m, n) >= 2 else None
-
-
 @dataclass
-class Zoo:
-    """Paths and tensors of the synthetic zoo."""
+class Zoo(SyntheticZoo):
+    """Paths and tensors of the synthetic zoo (fp32, see ``SyntheticZoo``) and its bf16 copy."""
 
-    root: Path
-    base: Path  # fp32 base .safetensors
-    tasks: dict  # task name -> checkpoint path (file or sharded directory), fp32
-    base_tensors: dict  # tensor name -> tensor
-    task_vectors: dict  # task name -> {tensor name: float32 finetuned - base}
-    bf16_base: Path
+    bf16_base: Path = None
     bf16_tasks: dict = field(default_factory=dict)  # task name -> path, every float tensor bf16
     bf16_task_vectors: dict = field(default_factory=dict)
     first: list = field(default_factory=lambda: list(FIRST_INGEST))  # tasks of the first (shared) ingest
@@ -68,69 +58,27 @@ class Zoo:
                 for name in self.base_tensors}
 
 
+def _bf16(tensors):
+    return {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in tensors.items()}
+
+
 def _build_zoo(root):
-    root.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(1234)
-    base = {name: torch.randn(*shape, generator=gen) for name, shape in BASE_SHAPES.items()}
-    base[INT_BUFFER] = torch.arange(5, dtype=torch.int64)
-    save_file(base, root / "base.safetensors")
+    fp32 = build_synthetic_zoo(
+        root, BASE_SHAPES, FAMILY, seed=1234, rank=RANK, delta_scale=DELTA_SCALE, noise_scale=NOISE_SCALE,
+        low_rank_divisor=1.2, frozen={INT_BUFFER: torch.arange(5, dtype=torch.int64)}, sharded=SHARDED,
+    )
+    zoo = Zoo(**{f.name: getattr(fp32, f.name) for f in fields(SyntheticZoo)}, bf16_base=root / "bf16" / "base.safetensors")
 
-    # per family and matrix: column basis (m, RANK), row basis (n, RANK), family core (RANK, RANK)
-    families = []
-    for _ in range(2):
-        fam = {}
-        for name, shape in BASE_SHAPES.items():
-            ms = _matrix(shape)
-            if ms:
-                m, n = ms
-                qa, _ = torch.linalg.qr(torch.randn(m, RANK, generator=gen))
-                qb, _ = torch.linalg.qr(torch.randn(n, RANK, generator=gen))
-                fam[name] = (qa, qb, torch.randn(RANK, RANK, generator=gen))
-        families.append(fam)
-
-    vectors = {}
-    for task, f in FAMILY.items():
-        tv = {}
-        for name, shape in BASE_SHAPES.items():
-            ms = _matrix(shape)
-            if ms:
-                m, n = ms
-                qa, qb, core = families[f][name]
-                own = core + 0.5 * torch.randn(RANK, RANK, generator=gen)
-                low = qa @ own @ qb.T * (DELTA_SCALE * math.sqrt(m * n / RANK) / 1.2)  # (m, n)
-                delta = low + NOISE_SCALE * torch.randn(m, n, generator=gen)
-                tv[name] = delta.reshape(shape)
-            else:
-                tv[name] = DELTA_SCALE * torch.randn(*shape, generator=gen)
-        tv[INT_BUFFER] = torch.zeros(5)
-        vectors[task] = tv
-
-    zoo = Zoo(root=root, base=root / "base.safetensors", tasks={}, base_tensors=base, task_vectors={},
-              bf16_base=root / "bf16" / "base.safetensors")
-    for task, tv in vectors.items():
-        tensors = {name: base[name] + tv[name].to(base[name].dtype) for name in base}
-        # the task vector as the store sees it: finetuned - base, computed in float32
-        zoo.task_vectors[task] = {name: tensors[name].float() - base[name].float() for name in base}
-        if task == "a_sharded":
-            path = root / "a_sharded"
-            files = save_checkpoint(tensors.items(), path, max_shard_bytes=1500)
-            assert len(files) >= 3, "the sharded fine-tune must really be sharded"
-        else:
-            path = root / f"{task}.safetensors"
-            save_file(tensors, path)
-        zoo.tasks[task] = path
-
-    # bf16 zoo: the same base and deltas, every float tensor rounded to bfloat16
+    # bf16 zoo: the same base and fine-tunes, every float tensor rounded to bfloat16
     (root / "bf16").mkdir()
-    base16 = {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in base.items()}
+    base16 = _bf16(zoo.base_tensors)
     save_file(base16, zoo.bf16_base)
-    for task, source in zip(BF16_TASKS, ["a0", "a1", "b0"]):
-        tensors = {name: (base[name] + vectors[source][name].to(base[name].dtype)) for name in base}
-        tensors = {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in tensors.items()}
+    for task, source in BF16_TASKS.items():
+        tensors = _bf16(load(zoo.tasks[source]))
         path = root / "bf16" / f"{task}.safetensors"
         save_file(tensors, path)
         zoo.bf16_tasks[task] = path
-        zoo.bf16_task_vectors[task] = {name: tensors[name].float() - base16[name].float() for name in base}
+        zoo.bf16_task_vectors[task] = {name: tensors[name].float() - base16[name].float() for name in zoo.base_tensors}
     return zoo
 
 
@@ -195,20 +143,10 @@ def snapshot_state():
     return _snapshot_state
 
 
-def rel_max_error(actual, expected):
-    """max |actual - expected| / max |expected| (0 when both are zero)."""
-    actual, expected = actual.double(), expected.double()
-    denom = float(expected.abs().max()) if expected.numel() else 0.0
-    err = float((actual - expected).abs().max()) if expected.numel() else 0.0
-    if denom == 0.0:
-        return err
-    return err / denom
-
-
 @pytest.fixture
 def rel_error():
-    """``rel_max_error(actual, expected)`` helper."""
-    return rel_max_error
+    """``max_relative_error(actual, expected)`` helper (see ``tvbase.testing.metrics``)."""
+    return max_relative_error
 
 
 def load(path):

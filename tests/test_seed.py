@@ -23,6 +23,7 @@ from tvbase.methods.seed import (
     gram_matrix,
     ties_merge,
 )
+from tvbase.testing.metrics import relative_error
 
 SHAPES = {"w": (12, 10), "b": (7,), "conv": (3, 2, 2, 5)}
 NUMEL = {name: math.prod(shape) for name, shape in SHAPES.items()}
@@ -91,11 +92,9 @@ def _reconstruct(result):
 
 
 def _rel_errors(source, result):
+    """task -> relative error of its rebuilt vector against the float32 vector the source serves."""
     rebuilt = _reconstruct(result)
-    return {
-        t: float((rebuilt[t] - source.vectors[t].float().double()).norm() / source.vectors[t].norm())
-        for t in result.tasks
-    }
+    return {t: relative_error(rebuilt[t], source.vectors[t].float()) for t in result.tasks}
 
 
 # --- registry and validation -------------------------------------------------------------------

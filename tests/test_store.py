@@ -4,7 +4,6 @@ Every error case checks with ``snapshot_state`` that the failed call left the Ic
 repository byte for byte as it was.
 """
 
-import math
 import os
 import re
 import shutil
@@ -27,17 +26,12 @@ from tvbase.methods import FitParams
 from tvbase.names import validate_task_name
 from tvbase.repository import WriterLock
 from tvbase.store import Store
+from tvbase.testing.metrics import relative_error
 
 
 # Loose "it rebuilt the right thing" bound for stores with the default (int4) factors: a wrong or
 # missing tensor gives ~1; tight bounds live in test_factorize.py (fp32 / pinned bits).
 SANITY_ERROR = 0.25
-
-
-def _frobenius_rel_error(rebuilt, true):
-    err = sum(float((rebuilt[n].double() - true[n].double()).square().sum()) for n in true)
-    total = sum(float(true[n].double().square().sum()) for n in true)
-    return math.sqrt(err / total)
 
 
 # -- create / open -------------------------------------------------------------------------------
@@ -108,14 +102,14 @@ def test_get_matches_base_shapes_and_dtype(populated, zoo):
             assert torch.isfinite(tensor).all()
         # the untouched integer buffer has a zero task vector
         assert float(tv["position_ids"].abs().max()) <= 1e-6
-        assert _frobenius_rel_error(tv, zoo.task_vectors[task]) < SANITY_ERROR
+        assert relative_error(tv, zoo.task_vectors[task]) < SANITY_ERROR
 
 
 def test_sharded_finetune_equals_single_file_fit(populated, zoo):
     """The sharded directory fine-tune was read completely (all shards, via the index)."""
     store = Store.open(populated["path"])
     tv = store.get("a_sharded", device="cpu")
-    assert _frobenius_rel_error(tv, zoo.task_vectors["a_sharded"]) < SANITY_ERROR
+    assert relative_error(tv, zoo.task_vectors["a_sharded"]) < SANITY_ERROR
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -253,7 +247,7 @@ def test_rm_and_compact(tmp_path, zoo):
     assert store.tasks == sorted(t for t in zoo.first + zoo.later if t != "b1")
     assert {r["kind"] for r in store.ls()} == {"shared"}  # the SVD task joined a cluster
     for task in store.tasks:
-        assert _frobenius_rel_error(store.get(task, device="cpu"), pre[task]) < 0.02, task
+        assert relative_error(store.get(task, device="cpu"), pre[task]) < 0.02, task
     # the version before rm still holds b1 and rebuilds everything exactly as before
     old = Store.open(store.path, at=before_rm)
     for task in ("b1", "a0", "c_new"):
@@ -286,7 +280,7 @@ def test_compact_does_not_understate_error(originals, tmp_path, zoo):
         shutil.rmtree(sources)
     store.compact(device="cpu", progress=False)
     for r in store.ls():
-        actual = _frobenius_rel_error(store.get(r["name"], device="cpu"), zoo.task_vectors[r["name"]])
+        actual = relative_error(store.get(r["name"], device="cpu"), zoo.task_vectors[r["name"]])
         assert r["rel_error"] >= 0.9 * actual, (r["name"], r["rel_error"], actual)
         assert r["rel_error"] < SANITY_ERROR
 
@@ -298,7 +292,7 @@ def test_rm_every_task_then_ingest_again(populated_copy, zoo):
     assert store.tasks == [] and info["clusters"] == 0 and info["factor_bytes"] == 0
     store.ingest({t: zoo.tasks[t] for t in ("a0", "a1", "b0")}, device="cpu", progress=False)
     assert {r["kind"] for r in store.ls()} == {"shared"}  # an empty store gets a shared fit again
-    assert _frobenius_rel_error(store.get("a1", device="cpu"), zoo.task_vectors["a1"]) < SANITY_ERROR
+    assert relative_error(store.get("a1", device="cpu"), zoo.task_vectors["a1"]) < SANITY_ERROR
 
 
 def test_rm_unknown_task(populated_copy, snapshot_state):
@@ -554,6 +548,6 @@ def test_bf16_store(tmp_path, zoo):
     for task in zoo.bf16_tasks:
         tv = store.get(task, device="cpu")
         assert all(t.dtype == torch.float32 for t in tv.values())
-        assert _frobenius_rel_error(tv, zoo.bf16_task_vectors[task]) < 0.2
+        assert relative_error(tv, zoo.bf16_task_vectors[task]) < 0.2
     with pytest.raises(BaseMismatchError, match="dtype mismatch"):
         store.ingest({"fp32": zoo.tasks["a0"]}, device="cpu", progress=False)

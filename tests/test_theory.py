@@ -157,8 +157,8 @@ def test_zoo_is_deterministic(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a = theory.Zoo(cfg, 3, tmp_path / "a", Dims())
-        b = theory.Zoo(cfg, 3, tmp_path / "b", Dims())
+        a = theory.TheoryZoo(cfg, 3, tmp_path / "a", Dims())
+        b = theory.TheoryZoo(cfg, 3, tmp_path / "b", Dims())
     finally:
         torch.set_num_threads(threads)
     for t in theory.FINETUNED:

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 
 from tvbase import FitParams, Store
 from tvbase.bench.report import markers, replace_section
+from tvbase.testing.metrics import relative_error
 
 from .model import Dims, Patterns, accuracy, init_params, param_shapes, sample_task, train
 
@@ -114,8 +115,8 @@ def task_patterns(frame, cos, partial_cos):
     }, (e(1) - e(2)) / math.sqrt(2)
 
 
-class Zoo:
-    """Base, fine-tunes, their checkpoints and every data split of one seed."""
+class TheoryZoo:
+    """Trained one-layer transformers of one seed: base, fine-tunes, their checkpoints and every data split."""
 
     def __init__(self, cfg, seed, root, dims=Dims()):
         self.seed, self.root, self.dims = seed, Path(root), dims
@@ -187,17 +188,11 @@ def build_stores(cfg, zoo, root):
     return stores
 
 
-def _rel_error(approx, exact):
-    num = sum(float((approx[k] - exact[k]).square().sum()) for k in exact)
-    den = sum(float(exact[k].square().sum()) for k in exact)
-    return math.sqrt(num / den)
-
-
 def store_summary(store, reference, sparse_reference=None):
     """Relative Frobenius error of every stored task vector against the true tau, and storage."""
-    out = {"rel_error_vs_tau": {t: _rel_error(store.get(t, device="cpu"), reference[t]) for t in FINETUNED}}
+    out = {"rel_error_vs_tau": {t: relative_error(store.get(t, device="cpu"), reference[t]) for t in FINETUNED}}
     if sparse_reference is not None:
-        out["rel_error_vs_pruned_tau"] = {t: _rel_error(store.get(t, device="cpu"), sparse_reference[t]) for t in FINETUNED}
+        out["rel_error_vs_pruned_tau"] = {t: relative_error(store.get(t, device="cpu"), sparse_reference[t]) for t in FINETUNED}
     try:
         out["storage"] = {row["name"]: float(row["storage"]) for row in store.ls()}
     except Exception as exc:  # ls() belongs to the store's reporting API; not needed for the claims
@@ -579,7 +574,7 @@ def run(cfg, workdir, log=print):
     per_seed = {}
     for seed in cfg.seeds:
         t0 = time.perf_counter()
-        zoo = Zoo(cfg, seed, Path(workdir) / f"seed{seed}" / "checkpoints")
+        zoo = TheoryZoo(cfg, seed, Path(workdir) / f"seed{seed}" / "checkpoints")
         stores = build_stores(cfg, zoo, Path(workdir) / f"seed{seed}" / "stores")
         t1 = time.perf_counter()
         entry = {

@@ -55,6 +55,7 @@ import torch
 from .. import FitParams, __version__
 from ..coefficients import choose_addition_alpha, choose_negation_alpha
 from ..demo.zoo import CONTROL_TASK, Zoo, build_zoo
+from ..testing.metrics import relative_error
 
 from . import DESCRIPTIONS
 from .baselines import (
@@ -197,13 +198,6 @@ class TvbaseStore(StoreMethod):
 
 def _scaled(tensors, alpha):
     return {name: alpha * t for name, t in tensors.items()}
-
-
-def relative_error(tau_hat, tau):
-    """||tau_hat - tau|| / ||tau|| over every tensor of a task vector (0 for a zero vector)."""
-    err = sum(float((tau_hat[n].float().cpu() - t).square().sum()) for n, t in tau.items())
-    total = sum(float(t.square().sum()) for t in tau.values())
-    return (err / total) ** 0.5 if total > 0 else 0.0
 
 
 def _methods(config: Config, n_tasks: int, tall_score, seed: int, device: str) -> list:
