@@ -12,6 +12,8 @@ than one tensor of one task plus the (small) factors. Passes over the data:
 7. relative reconstruction error of every task
 """
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from ..codec import (
     INDEX_ROW_DISK_BYTES,
     TASK_METADATA_DISK_BYTES,
+    QuantizedMatrix,
     SharedBasis,
     TaskTensor,
     commit_disk_bytes,
@@ -36,7 +39,7 @@ from ..errors import InvalidInputError
 from ..reconstruct import rebuild_tensor
 from .budget import allocate_ranks, cumulative, uniform_ranks
 from .cluster import TaskClusterer, TaskSketcher
-from .result import FitResult, measure_errors, raw_bytes
+from .result import FitResult, raw_bytes
 
 # A fit that leaves more than this share of its budget unused is repeated (so is one over it).
 _BUDGET_TOLERANCE = 0.01
@@ -183,7 +186,7 @@ class _Fit:
         self.dense = [name for name in shapes if name not in self.matrices]
         self.result = FitResult(tasks={t: {name: TaskTensor() for name in shapes} for t in tasks})
         self.layer_energy = {}  # (task, name) -> ||tau||^2
-        self._shared_candidates = None  # what _shared_bases computed, reused by every budget
+        self.error = {}  # (task, name) -> ||tau - tau_hat||^2 of the stored factors
 
     # -- helpers -------------------------------------------------------------------------
     def _bar(self, total, desc):
@@ -212,13 +215,19 @@ class _Fit:
 
     # -- passes --------------------------------------------------------------------------
     def run(self, shared):
+        """Reads of each (task, matrix): the scan, the shared bases' two (shared fit only; the
+        range read is skipped for matrices the sketch covers whole), the residual's one.
+        Dense tensors are read once, by the scan."""
         labels = self._scan(shared)
         self.result.labels = labels
         if self.p.rank is not None:
-            self._fit_factors(shared, None)
+            spent = self._fit_shared(labels, None) if shared else 0.0
+            rank = min(self.p.residual_rank if shared else self.p.rank, self.p.max_rank)
+            self._lowrank_candidates(rank, shared)
+            self._set_lowrank(uniform_ranks(self._lowrank_curves, rank))
         else:
             self._fit_to_budget(shared)
-        measure_errors(self.source, self.tasks, self.shapes, self.result, self.device, self.progress)
+        self._record_errors()
         self.result.kind = {t: "svd" if labels[t] is None else "shared" for t in self.tasks}
         return self.result
 
@@ -227,9 +236,10 @@ class _Fit:
 
         Ranks are allocated in payload bytes, but the store compresses its payload and adds an
         offset-table row per factor, metadata per task and, for a shared fit, its own files. The
-        compression is predicted by a probe, then the fit is repeated (at most twice) with its
-        payload budget scaled by what its factors measured on disk against what was allowed.
-        A repeat reuses the shared bases and redoes the allocation and the residual pass.
+        compression is predicted by a probe, then the low-rank terms are allocated again (at most
+        twice) with their budget scaled by what the factors measured on disk against what was
+        allowed. The shared part is fitted once; a repeat reads nothing: it truncates the
+        candidate factors of the one residual pass.
         """
         fixed = (
             self._dense_bytes()
@@ -247,30 +257,16 @@ class _Fit:
             )
         allowed = self._budget_bytes() - fixed
         n_rows = 3 * len(self.matrices) * len(self.tasks)  # core, A, B per task and matrix, at most
-        payload_budget = (allowed - n_rows * INDEX_ROW_DISK_BYTES) / self._probe_ratio()
+        payload_budget = (allowed - n_rows * INDEX_ROW_DISK_BYTES) / self._probe_ratio
+        spent = self._fit_shared(self.result.labels, payload_budget * (1 - self.p.residual_share)) if shared else 0.0
+        self._lowrank_candidates(self.p.max_rank, shared)
         for _ in range(3):
-            self._fit_factors(shared, payload_budget)
+            self._set_lowrank(allocate_ranks(self._lowrank_curves, max(payload_budget - spent, 0.0)))
             payloads = [q.to_bytes() for q in self._factor_payloads()]
             on_disk = compressed_nbytes(payloads) + len(payloads) * INDEX_ROW_DISK_BYTES
             if allowed * (1 - _BUDGET_TOLERANCE) <= on_disk <= allowed:
                 break
             payload_budget *= allowed * (1 - _BUDGET_TOLERANCE / 2) / max(on_disk, 1)  # aim mid-band
-
-    def _fit_factors(self, shared, factor_budget):
-        """Shared bases, cores and per-task low-rank terms within ``factor_budget`` payload bytes
-        (None: explicit ranks); replaces any factors of an earlier attempt."""
-        self.result.clusters = {}
-        for tensors in self.result.tasks.values():
-            for tt in tensors.values():
-                tt.core = tt.A = tt.B = None
-        spent = 0.0
-        if shared:
-            budget = None if factor_budget is None else factor_budget * (1 - self.p.residual_share)
-            spent = self._fit_shared(self.result.labels, budget)
-        residual_budget = None if factor_budget is None else factor_budget - spent
-        rank = self.p.rank if not shared else self.p.residual_rank
-        if factor_budget is not None or rank:
-            self._fit_lowrank(residual_budget, rank, shared)
 
     def _factor_payloads(self):
         """Every fitted factor but the dense tensors, in the order the store writes them."""
@@ -280,7 +276,7 @@ class _Fit:
         """Pass 1 over every tensor: energies, dense tensors and, for a shared fit, the clusters."""
         cluster = shared and len(self.tasks) > 2 and self.p.n_clusters != 1
         sketcher = TaskSketcher(dim=self.p.sketch_dim, seed=self.p.seed) if cluster else None
-        sketches = []
+        sketches, probes = [], []
         bar = self._bar(len(self.tasks) * len(self.shapes), "scan")
         for t in self.tasks:
             sketch = 0
@@ -288,13 +284,18 @@ class _Fit:
                 x = self._read(t, name)
                 self.layer_energy[t, name] = float(x.square().sum())
                 if name in self.dense:
-                    self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
+                    q = self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
+                    self.error[t, name] = float((dequantize(q, device=self.device)[:, 0] - x).square().sum())
+                elif t == self.tasks[0]:
+                    probes += self._probe(x)
                 if cluster:
                     sketch = sketch + sketcher.sketch_tensor(i, x.cpu())
                 bar.update()
             if cluster:
                 sketches.append(sketch.numpy())
         bar.close()
+        raw = sum(len(p) for p in probes)
+        self._probe_ratio = min(1.0, compressed_nbytes(probes) / raw) if raw else 1.0
         self.task_energy = {t: sum(self.layer_energy[t, n] for n in self.shapes) for t in self.tasks}
         if not shared:
             return {t: None for t in self.tasks}
@@ -310,24 +311,16 @@ class _Fit:
         """Compressed bytes of every task's densely stored tensors (quantized by the scan)."""
         return compressed_nbytes(self.result.tasks[t][n].dense.to_bytes() for t in self.tasks for n in self.dense)
 
-    def _probe_ratio(self, probe_rank=16):
-        """Predicted compressed / payload size of the factors.
-
-        Measured on a probe: the leading singular factors of every matrix of the first task,
-        quantized as the fit quantizes them.
-        """
-        payloads = []
-        for name, (m, n) in self.matrices.items():
-            u, s, v = _truncated_svd(self._read(self.tasks[0], name), min(probe_rank, m, n), self.p.seed)
-            payloads += [quantize((u * s).cpu(), self.p.bits).to_bytes(), quantize(v.cpu(), self.p.bits).to_bytes()]
-        raw = sum(len(p) for p in payloads)
-        return min(1.0, compressed_nbytes(payloads) / raw) if raw else 1.0
+    def _probe(self, x, probe_rank=16):
+        """Payloads of the leading singular factors of one matrix (m, n), quantized as the fit
+        quantizes them: the scan measures on the first task's how well factors compress, which
+        predicts the compressed / payload size of the fit (``_probe_ratio``)."""
+        u, s, v = _truncated_svd(x, min(probe_rank, *x.shape), self.p.seed)
+        return [quantize((u * s).cpu(), self.p.bits).to_bytes(), quantize(v.cpu(), self.p.bits).to_bytes()]
 
     def _fit_shared(self, labels, budget):
-        """Passes 2-4: shared bases, cores, rank allocation. Returns the bytes spent."""
-        if self._shared_candidates is None:  # independent of the budget: kept for a repeated fit
-            self._shared_candidates = self._shared_bases(labels)
-        items = self._shared_candidates
+        """Shared bases, cores, rank allocation (None: explicit ranks). Returns the bytes spent."""
+        items = self._shared_bases(labels)
         bits = self.p.bits
         curves = [(it[7], it[8]) for it in items]
         ranks = uniform_ranks(curves, self.p.rank) if budget is None else allocate_ranks(curves, budget)
@@ -440,36 +433,91 @@ class _Fit:
         shared = self._shared_part(task, name)
         return x if shared is None else x - shared
 
-    def _fit_lowrank(self, budget, rank, shared):
-        """Passes 5-6: per-task low-rank terms (residuals, or whole tasks when not shared)."""
+    def _lowrank_candidates(self, q_cap, shared):
+        """One read of every (task, matrix): the per-task low-rank candidates for every rank.
+
+        The residual against the fitted shared part (the whole task without one) gets a
+        truncated SVD at ``q_max = min(m, n, q_cap)``, quantized as stored: per-column scales,
+        so its first ``q`` columns are exactly the factors of rank ``q``. Kept for every later
+        allocation in a temporary file, with the cost and weighted-energy curves of every rank
+        and the exact squared error ``||E - A_q B_q^T||^2 = ||E||^2 - 2 sum_i<q a_i^T E b_i +
+        sum_i,j<q (A^T A)_ij (B^T B)_ij`` of the stored factors, so that no pass measures errors.
+        """
         bits = self.p.bits
-        keys = [(t, name) for t in self.tasks for name in self.matrices]
-        if budget is not None:
-            curves = []
-            bar = self._bar(len(keys), "residual spectra" if shared else "svd spectra")
-            for t, name in keys:
-                m, n = self.matrices[name]
-                e = self._residual(t, name)
-                q_max = min(m, n, self.p.max_rank)
-                s = _singular_values(e, q_max, self.p.seed)
-                gain = cumulative(s.square().cpu().numpy()) * self._weight(t, name)
-                cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
-                curves.append((cost, gain))
-                bar.update()
-            bar.close()
-            ranks = allocate_ranks(curves, max(budget, 0.0))
-        else:
-            ranks = [min(rank, *self.matrices[name], self.p.max_rank) for _, name in keys]
-        bar = self._bar(sum(1 for r in ranks if r), "residual factors" if shared else "svd factors")
-        for (t, name), q in zip(keys, ranks):
-            if q == 0:
-                continue
-            u, s, v = _truncated_svd(self._residual(t, name), q, self.p.seed)
-            tt = self.result.tasks[t][name]
-            tt.A = quantize((u * s).cpu(), bits)  # (m, q)
-            tt.B = quantize(v.cpu(), bits)  # (n, q)
+        self._lowrank_keys = [(t, name) for t in self.tasks for name in self.matrices]
+        self._lowrank_curves, self._lowrank_errors = [], []
+        self._spill = _Spill()
+        bar = self._bar(len(self._lowrank_keys), "residual" if shared else "svd")
+        for t, name in self._lowrank_keys:
+            m, n = self.matrices[name]
+            e = self._residual(t, name)  # (m, n)
+            q_max = min(m, n, q_cap)
+            residual_energy = float(e.double().square().sum())
+            if q_max == 0:
+                gain, error = np.zeros(1), np.array([residual_energy])
+                self._spill.put((t, name), None, None)
+            else:
+                u, s, v = _truncated_svd(e, q_max, self.p.seed)
+                qa, qb = quantize((u * s).cpu(), bits), quantize(v.cpu(), bits)  # (m, q_max), (n, q_max)
+                A, B = dequantize(qa, device=self.device), dequantize(qb, device=self.device)
+                cross = ((A.T @ e) * B.T).sum(1).double()  # (q_max,): a_i^T E b_i
+                overlap = (A.T @ A).double() * (B.T @ B).double()  # (q_max, q_max)
+                quadratic = torch.diagonal(torch.cumsum(torch.cumsum(overlap, 0), 1))  # (q_max,)
+                error = np.concatenate([[residual_energy], (residual_energy - 2 * torch.cumsum(cross, 0) + quadratic).cpu().numpy()])
+                gain = cumulative(s.double().square().cpu().numpy()) * self._weight(t, name)
+                self._spill.put((t, name), qa, qb)
+            cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
+            self._lowrank_curves.append((cost, gain))
+            self._lowrank_errors.append(np.maximum(error, 0.0))
             bar.update()
         bar.close()
+
+    def _set_lowrank(self, ranks):
+        """Per-task low-rank factors at ``ranks`` (one per candidate), and their errors."""
+        for (t, name), q, error in zip(self._lowrank_keys, ranks, self._lowrank_errors):
+            tt = self.result.tasks[t][name]
+            qa, qb = self._spill.get((t, name))
+            tt.A, tt.B = (None, None) if q == 0 else (_keep_columns(qa, q), _keep_columns(qb, q))  # (m, q), (n, q)
+            self.error[t, name] = float(error[q])
+
+    def _record_errors(self):
+        self.result.energy = dict(self.task_energy)
+        for t in self.tasks:
+            total = self.task_energy[t]
+            err = sum(self.error[t, name] for name in self.shapes)
+            self.result.rel_error[t] = (err / total) ** 0.5 if total > 0 else 0.0
+
+
+class _Spill:
+    """Candidate factors kept in an anonymous temporary file instead of memory: a fit of T tasks
+    would otherwise hold T full-rank candidates of every matrix at once."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile(prefix="tvbase-candidates-")
+        self._where = {}  # key -> [(offset, bits, shape) or None, ...]
+
+    def put(self, key, *matrices):
+        refs = []
+        for q in matrices:
+            if q is None:
+                refs.append(None)
+                continue
+            self._file.seek(0, os.SEEK_END)
+            refs.append((self._file.tell(), q.bits, q.shape, q.nbytes))
+            self._file.write(q.to_bytes())
+        self._where[key] = refs
+
+    def get(self, key):
+        out = []
+        for ref in self._where[key]:
+            if ref is None:
+                out.append(None)
+                continue
+            offset, bits, shape, nbytes = ref
+            self._file.seek(offset)
+            out.append(QuantizedMatrix.from_bytes(self._file.read(nbytes), bits, shape))
+        return out
+
 
 def _top_eigvecs(gram, r):
     """Top-``r`` eigenvectors of a symmetric PSD matrix, columns sign-fixed for determinism.
@@ -494,13 +542,6 @@ def _column_signs(u):
     signs = torch.sign(u[u.abs().argmax(0), torch.arange(u.shape[1], device=u.device)])
     signs[signs == 0] = 1
     return signs
-
-
-def _singular_values(x, q, seed):
-    """The top ``q`` singular values of ``x`` (m, n)."""
-    if min(x.shape) <= 4 * q or min(x.shape) <= 512:
-        return torch.linalg.svdvals(x)[:q]
-    return _randomized_svd(x, q, seed)[1]
 
 
 def _truncated_svd(x, q, seed):
