@@ -55,3 +55,32 @@ def test_gc_keep_must_be_positive(populated_copy, snapshot_state, capsys):
         Store.open(populated_copy).gc(0)
     assert main(["gc", str(populated_copy), "--keep", "0"]) == 4
     assert snapshot_state(populated_copy) == before
+
+
+def test_info_tells_this_versions_bytes_from_historys(populated_copy, capsys):
+    store = Store.open(populated_copy)
+    before = store.info()
+    assert 0 < before["version_disk_bytes"] <= before["disk_bytes"]
+    assert before["history_bytes"] == before["disk_bytes"] - before["version_disk_bytes"]
+    store.compact(progress=False)  # rewrites the payload: the old one becomes history
+    grown = store.info()
+    assert grown["history_bytes"] > before["history_bytes"] + before["version_disk_bytes"] // 2
+    assert main(["info", str(populated_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "this version's arrays" in out and "history" in out
+    store.gc(1)
+    assert store.info()["history_bytes"] < grown["history_bytes"]
+
+
+def test_compact_gc_expires_old_versions_in_the_same_step(populated_copy, capsys):
+    assert len(Store.open(populated_copy).log()) == 3
+    assert main(["compact", str(populated_copy), "-q", "--device", "cpu", "--gc", "1"]) == 0
+    log = Store.open(populated_copy).log()
+    assert [v["metadata"]["op"] for v in log] == ["compact"]
+    assert "expired 3 old version(s)" in capsys.readouterr().err
+
+
+def test_compact_gc_must_be_positive_before_any_work(populated_copy, snapshot_state):
+    before = snapshot_state(populated_copy)
+    assert main(["compact", str(populated_copy), "-q", "--device", "cpu", "--gc", "0"]) == 4
+    assert snapshot_state(populated_copy) == before

@@ -164,6 +164,8 @@ def cmd_info(args):
         f"raw fp32    {_fmt_bytes(info['raw_fp32_bytes'])}",
         f"factors     {_fmt_bytes(info['factor_bytes'])} ({info['factor_storage']:.2%} of raw)",
         f"on disk     {_fmt_bytes(info['disk_bytes'])} ({info['disk_storage']:.2%} of raw, all versions)",
+        f"  this      {_fmt_bytes(info['version_disk_bytes'])} ({info['version_disk_storage']:.2%} of raw, this version's arrays)",
+        f"  history   {_fmt_bytes(info['history_bytes'])} (older versions and repository files; `tvbase gc --keep N` frees old versions)",
         f"reclaimable {_fmt_bytes(info['reclaimable_bytes'])} (run `tvbase compact`)",
     ]
     _print(args, info, "\n".join(lines))
@@ -221,7 +223,13 @@ def cmd_compact(args):
     from .store import Store
 
     store = Store.open(args.store)
-    version = store.compact(params=_fit_params(args, store), device=args.device, progress=not args.quiet, wait=args.wait)
+    params = _fit_params(args, store)
+    if args.gc is not None and args.gc < 1:  # refused before a long refit, not after it
+        raise InvalidInputError(f"--gc must be a positive integer, got {args.gc!r}")
+    version = store.compact(params=params, device=args.device, progress=not args.quiet, wait=args.wait)
+    if args.gc is not None:
+        expired = store.gc(args.gc, wait=args.wait)
+        print(f"expired {expired} old version(s); kept the newest {args.gc}", file=sys.stderr)
     rows = store.ls()
     _print(args, {"version": version, "tasks": rows}, format_table(rows, LS_COLUMNS) + f"\nversion {version}")
 
@@ -351,7 +359,8 @@ def build_parser():
 
     p = command("compact", cmd_compact, "refit clusters and shared factors over all tasks (one commit)")
     p.add_argument("store")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--gc", type=int, metavar="KEEP", help="then expire all but the newest KEEP versions, as `tvbase gc --keep KEEP`")
     _add_fit_options(p)
     device(p), writer(p), listing(p)
 

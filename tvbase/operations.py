@@ -8,7 +8,7 @@ commit). Everything that can be refused is refused before the fit starts.
 from pathlib import Path
 
 from .devices import resolve_device
-from .errors import AlreadyExistsError, InvalidInputError, StoreLockedError, TvbaseError
+from .errors import AlreadyExistsError, InvalidInputError, TvbaseError
 from .format import drop_tasks, write_fit
 from .io.sources import StoredTask, TaskVectors, open_task
 from .methods import FitParams, get_method
@@ -75,30 +75,34 @@ def rm(store, names, wait=0.0):
 
 
 def compact(store, params=None, device=None, progress=True, wait=0.0):
-    """Refit every task with the store's own method, as one commit; see :meth:`tvbase.Store.compact`."""
-    store._refresh()
-    if not store.meta["tasks"]:
-        raise InvalidInputError(f"store {store.path} has no tasks to compact")
+    """Refit every task with the store's own method, as one commit; see :meth:`tvbase.Store.compact`.
+
+    The writer exclusion is held for the whole run, fit included: another writer waits for it
+    (``--wait``) or is refused at once, so a finished fit is never thrown away because the store
+    moved under it. (Where writers are told apart by commit conflicts, a writer that commits
+    first still wins, and compact then reports it.)
+    """
     params = params or FitParams.from_dict(store.meta["params"])
     params.validate()
     device = resolve_device(device)
-    tasks = store.tasks
-    fitted_version = store.version
-    base, originals = _originals(store, tasks)
-    sources = {t: originals.get(t) or StoredTask(store._snapshot, t, device) for t in tasks}
-    try:
-        with TaskVectors(sources) as task_vectors:
-            result = get_method(COMPACT_METHOD).make(params, device=device, progress=progress).fit(task_vectors, tasks, store.shapes).result_
-    finally:
-        if base is not None:
-            base.close()
-    old = {t: dict(store.meta["tasks"][t]) for t in tasks}
-    for t in tasks:
-        if t not in originals:  # a refit of a rebuild: the old error adds to the refit's
-            result.rel_error[t] += old[t]["rel_error"]
-    with store._write("compact", {"op": "compact", "tasks": tasks}, wait) as (root, meta):
-        if store.version != fitted_version:  # committing would undo another writer's change
-            raise StoreLockedError("another writer changed the store while compact was fitting; run compact again")
+    commit_metadata = {"op": "compact"}  # read at commit, after the tasks are known
+    with store._write("compact", commit_metadata, wait) as (root, meta):
+        tasks = commit_metadata["tasks"] = store.tasks  # the head's, now that no other writer can change it
+        if not tasks:
+            raise InvalidInputError(f"store {store.path} has no tasks to compact")
+        base, originals = _originals(store, tasks)
+        sources = {t: originals.get(t) or StoredTask(store._snapshot, t, device) for t in tasks}
+        try:
+            with TaskVectors(sources) as task_vectors:
+                estimator = get_method(COMPACT_METHOD).make(params, device=device, progress=progress)
+                result = estimator.fit(task_vectors, tasks, store.shapes).result_
+        finally:
+            if base is not None:
+                base.close()
+        old = {t: dict(store.meta["tasks"][t]) for t in tasks}
+        for t in tasks:
+            if t not in originals:  # a refit of a rebuild: the old error adds to the refit's
+                result.rel_error[t] += old[t]["rel_error"]
         meta["tasks"], meta["clusters"] = {}, {}
         write_fit(root, meta, result, store.shapes, params, {t: old[t]["source"] for t in tasks}, append=False, previous=old)
         for t in tasks:

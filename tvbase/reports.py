@@ -34,10 +34,16 @@ def ls(snapshot):
 
 def info(snapshot, path, disk_bytes):
     """Store summary: tasks, clusters, bytes on disk (``disk_bytes``, all versions) and in
-    factors, against raw fp32."""
+    factors, against raw fp32.
+
+    ``version_disk_bytes`` is what this version's arrays take on disk; ``history_bytes`` the rest
+    of ``disk_bytes``: older versions, kept until ``gc`` expires them, and the repository's own
+    files (snapshots, manifests, configuration).
+    """
     meta, index = snapshot.meta, snapshot.index
     raw = sum(tm["raw_bytes"] for tm in meta["tasks"].values())
     live = int(index[:, 8].sum()) if len(index) else 0
+    version_disk = min(snapshot.stored_bytes(), disk_bytes)
     return {
         "path": str(path),
         "version": snapshot.version,
@@ -50,8 +56,11 @@ def info(snapshot, path, disk_bytes):
         "payload_bytes": snapshot.payload_length,
         "reclaimable_bytes": snapshot.payload_length - live,
         "disk_bytes": disk_bytes,
+        "version_disk_bytes": version_disk,
+        "history_bytes": disk_bytes - version_disk,
         "factor_storage": live / raw if raw else 0.0,
         "disk_storage": disk_bytes / raw if raw else 0.0,
+        "version_disk_storage": version_disk / raw if raw else 0.0,
         "params": meta["params"],
     }
 

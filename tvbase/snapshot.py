@@ -34,6 +34,7 @@ class Snapshot:
 
     def __init__(self, root, where, version):
         self.version = version
+        self._root = root
         self.meta, self.index, self.payload = load(root, where, version)
         self.tensor_id = {name: i for i, name in enumerate(self.meta["tensors"])}
         self._rows = {}  # (owner_kind, owner_id, tensor_id) -> {role: index row}
@@ -83,6 +84,10 @@ class Snapshot:
             data = self._chunk_cache[chunk]
             parts.append(data[max(start - base, 0) : max(min(end - base, len(data)), 0)])
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def stored_bytes(self):
+        """Bytes the chunks of this version's arrays take in the repository (compressed)."""
+        return int(self.payload.nbytes_stored()) + int(self._root["index"].nbytes_stored())
 
     def owned_bytes(self, kind, owner):
         """Payload bytes of the factors of one task (``OWNER_TASK``) or cluster (``OWNER_SHARED``)."""

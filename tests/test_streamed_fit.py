@@ -1,0 +1,74 @@
+"""The streamed fit at a real model's proportions (a short version of ``benchmarks/scale.py``):
+an 8k-row embedding, reads counted through the source interface, memory measured in a child.
+
+The fit before it formed an m x m float64 Gram per tensor and cluster: 8192^2 * 8 bytes = 512 MiB
+for this embedding, plus its eigendecomposition's workspace.
+"""
+
+import collections
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tvbase import FitParams, Store
+from tvbase.codec import matrix_shape
+from tvbase.io.sources import FullCheckpoint
+from tvbase.testing.metrics import relative_error
+from tvbase.testing.zoo import build_synthetic_zoo
+
+# 6.0M parameters: an 8k-row embedding and one MLP block
+SHAPES = {"embed.weight": (8192, 512), "embed.norm": (512,), "l0.up.weight": (1536, 512),
+          "l0.down.weight": (512, 1536), "l0.attn.weight": (512, 512), "l0.up.bias": (1536,)}
+TASKS = {f"t{i}": i % 2 for i in range(4)}
+FIRST, LATER = ["t0", "t1", "t2"], ["t3"]
+OLD_GRAM_BYTES = 8192**2 * 8  # the old fit's Gram of the embedding alone
+
+
+@pytest.fixture(scope="module")
+def model_zoo(tmp_path_factory):
+    return build_synthetic_zoo(tmp_path_factory.mktemp("streamed"), SHAPES, TASKS, seed=3, noise_scale=0.0005)
+
+
+def test_reads_per_tensor_are_counted_and_bounded(model_zoo, tmp_path, monkeypatch):
+    reads = collections.Counter()
+    real_tensor = FullCheckpoint.tensor
+
+    def counting(self, name):
+        reads[self.label.split("'")[1], name] += 1
+        return real_tensor(self, name)
+
+    monkeypatch.setattr(FullCheckpoint, "tensor", counting)
+    store = Store.create(tmp_path / "store", model_zoo.base, params=FitParams(budget=0.05))
+    store.ingest({t: model_zoo.tasks[t] for t in FIRST}, device="cpu", progress=False)
+    assert {t for t, _ in reads} == set(FIRST)
+    for (task, name), count in reads.items():
+        # a matrix: scan, range sketch, projection, residual; a dense tensor: the scan only.
+        # Budget refits read nothing: they truncate the residual pass's candidates.
+        assert count <= (4 if matrix_shape(SHAPES[name]) else 1), (task, name, count)
+    assert reads["t0", "embed.weight"] == 4 and reads["t0", "embed.norm"] == 1
+    reads.clear()
+    store.ingest({t: model_zoo.tasks[t] for t in LATER}, device="cpu", progress=False)
+    assert max(reads.values()) <= 2 and reads["t3", "embed.weight"] == 2  # per-task SVD: scan, factors
+    for task in FIRST + LATER:
+        recorded = {r["name"]: r["rel_error"] for r in store.ls()}[task]
+        assert recorded == pytest.approx(relative_error(store.get(task, device="cpu"), model_zoo.task_vectors[task]), rel=1e-3)
+        assert recorded < 0.35
+
+
+def test_peak_memory_of_a_first_ingest_stays_far_below_the_old_gram(model_zoo, tmp_path):
+    """The ingest's peak RSS above the child's footprint after imports: tensors of 1-16 MiB."""
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        from tvbase import FitParams, Store
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        store = Store.create({str(tmp_path / "store")!r}, {str(model_zoo.base)!r}, params=FitParams(budget=0.05))
+        store.ingest({ {t: str(model_zoo.tasks[t]) for t in FIRST}!r}, device="cpu", progress=False)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({{"growth": after - before}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
+    growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
+    assert growth < OLD_GRAM_BYTES / 2, f"the ingest grew the process by {growth / 2**20:.0f} MiB"
