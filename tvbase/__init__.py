@@ -12,16 +12,28 @@ from .errors import (
     StoreLockedError,
     TvbaseError,
 )
-from .methods import FitParams
-from .store import Store
+from .methods.params import FitParams
 
 
 def open_store(path, at=None):
     """Open the store at ``path`` (latest version, or version ``at``)."""
+    from .store import Store
+
     return Store.open(path, at=at)
 
 
+def __getattr__(name):
+    # The store (zarr, Icechunk) is imported on first use, so that `tvbase --version` and the
+    # command line's start-up do not pay for it.
+    if name == "Store":
+        from .store import Store
+
+        return Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "__version__",
     "AlreadyExistsError",
     "BaseMismatchError",
     "FitParams",

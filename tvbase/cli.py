@@ -2,6 +2,10 @@
 
 Exit codes: 0 success, 2 usage error, and one code per error kind (see ``errors.EXIT_CODES``).
 User errors print one line on stderr, never a traceback.
+
+Start-up is kept short: this module imports neither torch nor the store at the top; each
+command imports what it needs when it runs (``--version`` and ``--help`` load neither, and
+``ls``, ``info`` and ``log`` read the store without torch).
 """
 
 import argparse
@@ -10,15 +14,14 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from ._version import __version__
 from .bench import DESCRIPTIONS
-from .codec import parse_bits
+from .codec.bits import parse_bits
 from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, exit_code
-from .methods import METHODS, FitParams, get_method
+from .methods.params import FitParams
+from .methods.registry import METHODS, get_method
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes, looked up when a command runs
 
 
 def parse_budget(text):
@@ -77,6 +80,12 @@ def _fit_params(args, store=None):
     if getattr(args, "max_rank", None) is not None:
         base.max_rank = args.max_rank
     return base
+
+
+def _torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)
 
 
 def _positive_int(text, flag):
@@ -184,7 +193,7 @@ def cmd_get(args):
     from .store import Store
 
     store = Store.open(args.store, at=args.at)
-    tensors = store.iter_composition({args.name: 1.0}, device=args.device, dtype=DTYPES[args.dtype])
+    tensors = store.iter_composition({args.name: 1.0}, device=args.device, dtype=_torch_dtype(args.dtype))
     files = save_checkpoint(((n, t.cpu()) for n, t in tensors), args.output, metadata={"tvbase_task": args.name, "tvbase_version": store.version})
     print(f"wrote task vector {args.name!r} to {', '.join(map(str, files))}")
 
@@ -196,7 +205,7 @@ def cmd_compose(args):
 
     store = Store.open(args.store, at=args.at)
     coefficients = parse_expression(args.expression, known=store.tasks)
-    tensors = store.iter_composition(coefficients, device=args.device, dtype=DTYPES[args.dtype])
+    tensors = store.iter_composition(coefficients, device=args.device, dtype=_torch_dtype(args.dtype))
     files = save_checkpoint(((n, t.cpu()) for n, t in tensors), args.output, metadata={"tvbase_expression": args.expression})
     print(f"wrote {args.expression!r} to {', '.join(map(str, files))}")
 
@@ -323,14 +332,14 @@ def build_parser():
     p.add_argument("store")
     p.add_argument("name")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file (or directory for shards)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written tensors (default: %(default)s)")
     device(p), reader(p)
 
     p = command("compose", cmd_compose, "rebuild a composition such as '0.5*math + 0.3*code - toxic'")
     p.add_argument("store")
     p.add_argument("expression")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written tensors (default: %(default)s)")
     device(p), reader(p)
 
     p = command("apply", cmd_apply, "write base + composition as a loadable checkpoint")

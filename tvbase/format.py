@@ -18,14 +18,15 @@ of where the repository lives (:mod:`tvbase.repository`) or how a fit is compute
 import datetime as _dt
 import hashlib
 import json
+import math
 
 import numpy as np
-import torch
 
 from ._version import __version__
-from .codec import PAYLOAD_CHUNK, matrix_shape, packing_order, payload_nbytes, zarr_compressors
+from .codec.bits import payload_nbytes
+from .codec.factors import matrix_shape
+from .codec.payload import PAYLOAD_CHUNK, packing_order, raw_bytes, zarr_compressors
 from .errors import FormatVersionError, IntegrityError, TvbaseError
-from .methods.result import raw_bytes
 
 FORMAT_VERSION = 1
 INDEX_COLUMNS = ("owner_kind", "owner_id", "tensor", "role", "rows", "cols", "bits", "offset", "nbytes")
@@ -244,7 +245,7 @@ def index_row_problems(row, where, tensors, shapes, payload_length):
 def factor_shape_problems(shape, role, rows, cols):
     """The shape rules of a stored factor of ``role`` for a tensor of ``shape``."""
     mshape = matrix_shape(shape)
-    numel = int(torch.Size(shape).numel())
+    numel = math.prod(int(s) for s in shape)
     if role in ("dense", "mu"):
         return [] if (rows, cols) == (numel, 1) else [f"{role} factor has shape {(rows, cols)}, expected {(numel, 1)}"]
     if role == "S":

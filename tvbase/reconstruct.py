@@ -6,7 +6,8 @@ and hands them here one tensor at a time, so peak memory is one tensor plus its 
 
 import torch
 
-from .codec import dequantize, matrix_shape
+from .codec import matrix_shape
+from .codec.quantize import dequantize
 
 
 @torch.no_grad()

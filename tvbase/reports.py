@@ -1,6 +1,6 @@
 """What ``ls``, ``info`` and ``verify`` report about one version of a store."""
 
-from .codec import PAYLOAD_CHUNK
+from .codec.payload import PAYLOAD_CHUNK
 from .errors import IntegrityError
 from .format import OWNER_SHARED, OWNER_TASK, index_row_problems, read_array, task_record_problems
 

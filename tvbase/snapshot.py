@@ -7,10 +7,10 @@ payload chunks through a small cache, and hands the factors of one tensor to
 
 import numpy as np
 
-from .codec import PAYLOAD_CHUNK, QuantizedMatrix, SharedBasis, TaskTensor
+from .codec.factors import SharedBasis, TaskTensor
+from .codec.payload import PAYLOAD_CHUNK
 from .errors import IntegrityError
 from .format import OWNER_SHARED, OWNER_TASK, ROLES, load, read_array
-from .reconstruct import rebuild_tensor
 
 _CHUNK_CACHE = 8  # decoded payload chunks kept per open snapshot (16 MiB)
 
@@ -58,6 +58,8 @@ class Snapshot:
         Terms are combined in sorted task order, so equal requests give equal bits whatever the
         order of the dict.
         """
+        from .reconstruct import rebuild_tensor  # torch: loaded by the first rebuild, not by ls/info/log
+
         shape = self.shapes[name]
         terms = []
         for task in sorted(coefficients):
@@ -95,6 +97,8 @@ class Snapshot:
         return int(rows[:, 8].sum())
 
     def _read_factor(self, row):
+        from .codec.quantize import QuantizedMatrix
+
         start, n = int(row[7]), int(row[8])
         data = self.read_payload(start, n)
         if data.shape[0] != n:

@@ -10,14 +10,10 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from . import format as fmt
-from . import operations, reports
-from .devices import resolve_device
+from . import reports
 from .errors import InvalidInputError, NotFoundError
-from .io.checkpoint import Checkpoint, check_compatible
-from .methods import FitParams
+from .methods.params import FitParams
 from .names import unknown_name
 from .repository import Repository, location
 from .snapshot import Snapshot
@@ -54,6 +50,8 @@ class Store:
         params : FitParams, defaults for later ingests.
         """
         where = location(path)
+        from .io.checkpoint import Checkpoint
+
         where.check_vacant()  # before anything is read or made
         params = (params or FitParams()).validate()
         with Checkpoint.open(base) as checkpoint:
@@ -98,30 +96,35 @@ class Store:
             raise NotFoundError(unknown_name("task", name, self.tasks))
         return self.meta["tasks"][name]
 
-    def iter_composition(self, coefficients, device=None, dtype=torch.float32):
+    def iter_composition(self, coefficients, device=None, dtype=None):
         """Yield ``(tensor name, tensor)`` of ``sum alpha_t tau_t``, one tensor at a time.
 
         Parameters
         ----------
         coefficients : dict task name -> float
         device : str or torch.device, default: CUDA when available, else CPU.
-        dtype : torch.dtype of the yielded tensors.
+        dtype : torch.dtype of the yielded tensors, default torch.float32.
 
         Terms are combined in sorted task order: equal requests give equal bits on one device
         and thread count, whatever the order of ``coefficients``.
         """
+        import torch
+
+        from .devices import resolve_device
+
         for task in coefficients:
             self._task_meta(task)
         device = resolve_device(device)
+        dtype = torch.float32 if dtype is None else dtype
         snapshot = self._snapshot
         # validated above, before the first tensor is asked for: callers open outputs only then
         return ((name, snapshot.rebuild(name, coefficients, device).to(dtype)) for name in self.meta["tensors"])
 
-    def get(self, name, device=None, dtype=torch.float32):
+    def get(self, name, device=None, dtype=None):
         """Rebuild the task vector of task ``name``: dict tensor name -> tensor (base shapes)."""
         return dict(self.iter_composition({name: 1.0}, device, dtype))
 
-    def compose(self, coefficients, device=None, dtype=torch.float32):
+    def compose(self, coefficients, device=None, dtype=None):
         """Rebuild ``sum alpha_t tau_t`` for a dict task -> alpha: dict tensor name -> tensor."""
         return dict(self.iter_composition(coefficients, device, dtype))
 
@@ -180,10 +183,14 @@ class Store:
         A seed method fits one basis over the tasks of this ingest, stored at fp32 unless
         ``params`` says otherwise, as in the paper.
         """
+        from . import operations
+
         return operations.ingest(self, items, params, base, device, progress, wait, method, n_components)
 
     def rm(self, names, wait=0.0):
         """Remove tasks (one commit). Their bytes are reclaimed by ``compact``."""
+        from . import operations
+
         return operations.rm(self, names, wait)
 
     def compact(self, params=None, device=None, progress=True, wait=0.0):
@@ -194,6 +201,8 @@ class Store:
         rebuild out of the current version, whose relative error is then recorded as the
         upper bound old error + refit error. The payload is rewritten without dead bytes.
         """
+        from . import operations
+
         return operations.compact(self, params, device, progress, wait)
 
     def gc(self, keep, wait=0.0):
@@ -208,6 +217,8 @@ class Store:
     def open_base(self, base=None):
         """Open the base checkpoint (``base``, or the path recorded at init) after checking that it
         is this store's base: same tensors and same content hash. The caller closes it."""
+        from .io.checkpoint import Checkpoint, check_compatible
+
         path = base or self.meta["base"]["path"]
         try:
             checkpoint = Checkpoint.open(path)

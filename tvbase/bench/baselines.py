@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from .. import FitParams, Store
-from ..codec import QuantizedMatrix, dequantize, matrix_shape, quantize
+from ..codec import matrix_shape
+from ..codec.quantize import QuantizedMatrix, dequantize, quantize
 from ..methods.seed import ties_merge
 
 __all__ = [

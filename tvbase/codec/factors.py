@@ -15,10 +15,14 @@ for every tensor, a basis ``S`` (numel, M) and optionally a mean ``mu`` (numel, 
 their tasks, and per task one coefficient vector ``c_t`` (M,): ``tau ~= mu + S @ c_t``.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .quantize import QuantizedMatrix
+if TYPE_CHECKING:  # annotations only: reading a store's layout needs no torch
+    from .quantize import QuantizedMatrix
 
 
 def matrix_shape(shape):

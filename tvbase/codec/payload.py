@@ -6,6 +6,8 @@ fit uses :func:`compressed_nbytes` over that same order, and the bookkeeping siz
 predict what a write takes on disk, so that a byte budget counts what the store really grows by.
 """
 
+import math
+
 from numcodecs import Zstd
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
@@ -28,6 +30,11 @@ def store_disk_bytes(n_tensors):
     """Bytes of an empty store: configuration, refs and the first snapshot with the base's
     fingerprint (1.6 KB for 5 tensors, 1.7 KB for 14, 1.9 KB for 41)."""
     return 1536 + 16 * n_tensors
+
+
+def raw_bytes(shapes):
+    """Bytes of one task vector in fp32, for ``shapes`` a dict tensor name -> shape."""
+    return 4 * sum(math.prod(int(s) for s in shape) for shape in shapes.values())
 
 
 def packing_order(clusters, tasks):

@@ -24,14 +24,14 @@ four patterns unused, in exchange for an exact zero and no bias.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from tvbase.errors import InvalidInputError
+
+from .bits import QUANTIZERS, _check_shape, parse_bits, payload_nbytes
 
 __all__ = [
     "QUANTIZERS",
@@ -42,76 +42,9 @@ __all__ = [
     "quantize",
 ]
 
-# Name -> bits. Integer codes follow the symmetric absmax scheme of LLM.int8()/GPTQ-style
-# per-channel quantization (Dettmers et al., 2022), here per column of a factor matrix.
-QUANTIZERS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
-
-_VALID_BITS = tuple(QUANTIZERS.values())  # (32, 16, 8, 4, 2)
 _FLOAT_DTYPES = {32: np.dtype("<f4"), 16: np.dtype("<f2")}
 _SCALE_DTYPE = np.dtype("<f4")
 _FP16_MAX = float(np.finfo(np.float16).max)  # 65504
-
-
-def _choices() -> str:
-    names = ", ".join(QUANTIZERS)
-    bits = ", ".join(str(b) for b in _VALID_BITS)
-    return f"{names} (or bits {bits})"
-
-
-def parse_bits(name_or_int: str | int) -> int:
-    """Bits of a quantizer given by name (``"int8"``) or by bit count (``8`` or ``"8"``).
-
-    Parameters
-    ----------
-    name_or_int : str or int
-        A key of :data:`QUANTIZERS` (case-insensitive) or one of 32, 16, 8, 4, 2.
-
-    Returns
-    -------
-    int
-        One of 32, 16, 8, 4, 2.
-
-    Raises
-    ------
-    InvalidInputError
-        For anything else; the message lists the valid choices.
-    """
-    if isinstance(name_or_int, str):
-        key = name_or_int.strip().lower()
-        if key in QUANTIZERS:
-            return QUANTIZERS[key]
-        if key.isdigit() and int(key) in _VALID_BITS:
-            return int(key)
-    elif isinstance(name_or_int, numbers.Integral) and not isinstance(name_or_int, bool):
-        if int(name_or_int) in _VALID_BITS:
-            return int(name_or_int)
-    raise InvalidInputError(f"unknown quantizer {name_or_int!r}; valid choices: {_choices()}")
-
-
-def _check_shape(shape) -> tuple[int, int]:
-    try:
-        rows, cols = shape
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"shape must be (rows, cols), got {shape!r}") from None
-    for n in (rows, cols):
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-            raise InvalidInputError(
-                f"shape must be two non-negative integers, got {shape!r}"
-            )
-    return int(rows), int(cols)
-
-
-def payload_nbytes(rows: int, cols: int, bits: int) -> int:
-    """Exact size in bytes of the payload of a ``(rows, cols)`` matrix quantized to ``bits``.
-
-    Used by the budget allocator before anything is quantized; equals
-    ``len(quantize(x, bits).to_bytes())`` for every ``x`` of that shape.
-    """
-    rows, cols = _check_shape((rows, cols))
-    bits = parse_bits(bits)
-    if bits in _FLOAT_DTYPES:
-        return rows * cols * _FLOAT_DTYPES[bits].itemsize
-    return cols * _SCALE_DTYPE.itemsize + math.ceil(rows * cols * bits / 8)
 
 
 def _qmax(bits: int) -> int:

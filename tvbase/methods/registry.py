@@ -6,11 +6,11 @@ estimator in the scikit-learn manner: parameters in ``__init__``, the work in
 ``fit(source, tasks, shapes)``, what it learned in ``result_`` (a :class:`FitResult`).
 """
 
+import importlib
 from dataclasses import dataclass, field
 
 from ..errors import InvalidInputError
-from .seed import SEED_METHODS, SeedBasisFit
-from .tucker import ClusterTucker, FitParams, PerTaskSVD
+from .params import FitParams
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,10 @@ class Method:
         Where the method comes from.
     parameters : tuple of str
         The :class:`FitParams` fields (and ``n_components``) it reads.
-    estimator : type
-        Built as ``estimator(params, n_components=..., device=..., progress=..., **options)``.
+    estimator : str
+        ``"module:Class"`` of the estimator, imported when a fit is made (the registry is read by
+        the command line, which should not load torch), built as ``Class(params,
+        n_components=..., device=..., progress=..., **options)``.
     options : dict
         Fixed keyword arguments of the estimator.
     default_bits : int or None
@@ -42,19 +44,42 @@ class Method:
     summary: str
     reference: str
     parameters: tuple
-    estimator: type
+    estimator: str
     options: dict = field(default_factory=dict)
     default_bits: int | None = None
     growth: str | None = None
 
     def make(self, params, n_components=None, device="cpu", progress=True):
         """A new, unfitted estimator of this method."""
-        return self.estimator(params, n_components=n_components, device=device, progress=progress, **self.options)
+        module, name = self.estimator.split(":")
+        estimator = getattr(importlib.import_module(module, __package__), name)
+        return estimator(params, n_components=n_components, device=device, progress=progress, **self.options)
 
 
 _TVBASE_PARAMS = tuple(FitParams.__dataclass_fields__)
 _SVD_PARAMS = ("budget", "rank", "bits", "dense_bits", "max_rank", "seed", "task_weight", "tensor_weight")
 _SEED_PARAMS = ("n_components", "bits", "seed")
+# the seed bases of Task Vector Bases (estimators in .seed)
+_SEED_METHODS = [
+    (
+        "pca",
+        "Task Vector Bases seed basis: centered PCA, mean plus M principal directions",
+        "Zeng et al., 2025, 'Task Vector Bases: A Unified and Scalable Framework for Compressed "
+        "Task Arithmetic', sec. 3 (basis construction: centered PCA baseline)",
+    ),
+    (
+        "autoencoder",
+        "Task Vector Bases seed basis: the softmax-encoder Gram autoencoder, M = T/2 by default",
+        "Zeng et al., 2025, 'Task Vector Bases', sec. 3 (softmax-encoder Gram autoencoder, "
+        "M = T/2, tau = 5, Adam lr 0.01, 6000 steps; github uiuctml/TaskVectorBasis)",
+    ),
+    (
+        "cluster-merge",
+        "Task Vector Bases seed basis: spectral clusters of tasks, each cluster's mean",
+        "Zeng et al., 2025, 'Task Vector Bases', sec. 3 (spectral clustering on cosine "
+        "similarity, eigengap k, inner merge); TIES: Yadav et al., 2023, NeurIPS, sec. 3",
+    ),
+]
 
 METHODS = {
     m.name: m
@@ -65,7 +90,7 @@ METHODS = {
             "tvbase (this project), after Tucker 1966 (Tucker-2) and Zeng et al., 2025, 'Task Vector Bases' "
             "(spectral clustering of tasks); README 'Store format'",
             _TVBASE_PARAMS,
-            ClusterTucker,
+            ".tucker:ClusterTucker",
             growth="svd",
         ),
         Method(
@@ -74,12 +99,11 @@ METHODS = {
             "Eckart and Young, 1936 (truncated SVD); per-task low-rank deltas as in Delta-CoMe "
             "(Ping et al., NeurIPS 2024) without its mixed precision",
             _SVD_PARAMS,
-            PerTaskSVD,
+            ".tucker:PerTaskSVD",
         ),
         *(
-            Method(name, f"Task Vector Bases seed basis: {name}", spec.reference, _SEED_PARAMS, SeedBasisFit,
-                   options={"method": name}, default_bits=32)
-            for name, spec in SEED_METHODS.items()
+            Method(name, summary, reference, _SEED_PARAMS, ".seed:SeedBasisFit", options={"method": name}, default_bits=32)
+            for name, summary, reference in _SEED_METHODS
         ),
     ]
 }

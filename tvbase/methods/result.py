@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..codec.payload import raw_bytes  # noqa: F401 (re-exported: the methods' budgets)
 from ..reconstruct import rebuild_tensor
 
 
@@ -31,11 +32,6 @@ class FitResult:
     rel_error: dict = field(default_factory=dict)
     energy: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
-
-
-def raw_bytes(shapes):
-    """Bytes of one task vector in fp32."""
-    return 4 * sum(int(torch.Size(s).numel()) for s in shapes.values())
 
 
 def measure_errors(source, tasks, shapes, result, device, progress):

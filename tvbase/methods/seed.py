@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..codec import SharedBasis, TaskTensor, quantize
+from ..codec import SharedBasis, TaskTensor
+from ..codec.quantize import quantize
 from ..errors import InvalidInputError, NotFoundError
 from .cluster import TaskClusterer, _check_int, _ParamsRepr
+from .registry import METHODS
 from .result import FitResult, measure_errors
 
 __all__ = [
@@ -791,24 +793,8 @@ class SeedMethod:
 
 
 SEED_METHODS = {
-    "pca": SeedMethod(
-        "pca",
-        PCABasis,
-        "Zeng et al., 2025, 'Task Vector Bases: A Unified and Scalable Framework for Compressed "
-        "Task Arithmetic', sec. 3 (basis construction: centered PCA baseline)",
-    ),
-    "autoencoder": SeedMethod(
-        "autoencoder",
-        GramAutoencoder,
-        "Zeng et al., 2025, 'Task Vector Bases', sec. 3 (softmax-encoder Gram autoencoder, "
-        "M = T/2, tau = 5, Adam lr 0.01, 6000 steps; github uiuctml/TaskVectorBasis)",
-    ),
-    "cluster-merge": SeedMethod(
-        "cluster-merge",
-        ClusterMerge,
-        "Zeng et al., 2025, 'Task Vector Bases', sec. 3 (spectral clustering on cosine "
-        "similarity, eigengap k, inner merge); TIES: Yadav et al., 2023, NeurIPS, sec. 3",
-    ),
+    name: SeedMethod(name, estimator, METHODS[name].reference)
+    for name, estimator in [("pca", PCABasis), ("autoencoder", GramAutoencoder), ("cluster-merge", ClusterMerge)]
 }
 
 

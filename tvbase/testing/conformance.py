@@ -14,7 +14,6 @@ conflict detection).
 """
 
 import pytest
-import torch
 
 from tvbase import FitParams, Store
 from tvbase.errors import AlreadyExistsError, NotFoundError, StoreLockedError
