@@ -36,6 +36,24 @@ def parse_budget(text):
     return value
 
 
+_MEMORY_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+                 "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_memory(text):
+    """'8G', '2.5GiB', '512M', '1000000' -> bytes (binary units: 1G = 2**30)."""
+    s = str(text).strip().lower().replace(" ", "")
+    number = s.rstrip("kmgtib")
+    unit = s[len(number):]
+    try:
+        value = float(number) * _MEMORY_UNITS[unit]
+    except (ValueError, KeyError):
+        raise InvalidInputError(f"--max-memory {text!r} is not a size; write it as 8G, 2.5GiB or 512M") from None
+    if not value > 0:
+        raise InvalidInputError(f"--max-memory {text!r} must be positive")
+    return int(value)
+
+
 def parse_items(pairs, list_file):
     """NAME=PATH arguments (and lines of a list file) -> dict, names in order given."""
     entries = [(p, None) for p in pairs]
@@ -139,6 +157,7 @@ def cmd_ingest(args):
     version = store.ingest(
         items, params=params, base=args.base, device=args.device, progress=not args.quiet, wait=args.wait,
         method=args.method, n_components=args.components,
+        max_memory=parse_memory(args.max_memory) if args.max_memory else None,
     )
     rows = [r for r in store.ls() if r["name"] in items]
     _print(args, {"version": version, "tasks": rows}, format_table(rows, LS_COLUMNS) + f"\nversion {version}")
@@ -235,7 +254,8 @@ def cmd_compact(args):
     params = _fit_params(args, store)
     if args.gc is not None and args.gc < 1:  # refused before a long refit, not after it
         raise InvalidInputError(f"--gc must be a positive integer, got {args.gc!r}")
-    version = store.compact(params=params, device=args.device, progress=not args.quiet, wait=args.wait)
+    max_memory = parse_memory(args.max_memory) if args.max_memory else None
+    version = store.compact(params=params, device=args.device, progress=not args.quiet, wait=args.wait, max_memory=max_memory)
     if args.gc is not None:
         expired = store.gc(args.gc, wait=args.wait)
         print(f"expired {expired} old version(s); kept the newest {args.gc}", file=sys.stderr)
@@ -287,6 +307,11 @@ def _add_fit_options(p):
     g.add_argument("--max-rank", type=int, help="largest rank considered per matrix (default 256)")
 
 
+def _add_memory_option(p):
+    p.add_argument("--max-memory", metavar="SIZE", help="refuse, before any work, a fit planned to need more memory "
+                   "than this (e.g. 8G, 2.5GiB); default: no limit")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="tvbase", description="Store many fine-tunes of one base model as a compact task-vector basis.")
     parser.add_argument("--version", action="version", version=f"tvbase {__version__}")
@@ -326,6 +351,7 @@ def build_parser():
     p.add_argument("--components", type=int, metavar="M", help="seed methods: number of basis vectors (default T/2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _add_fit_options(p)
+    _add_memory_option(p)
     device(p), writer(p), listing(p)
 
     p = command("get", cmd_get, "rebuild one task vector into a safetensors file")
@@ -371,6 +397,7 @@ def build_parser():
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--gc", type=int, metavar="KEEP", help="then expire all but the newest KEEP versions, as `tvbase gc --keep KEEP`")
     _add_fit_options(p)
+    _add_memory_option(p)
     device(p), writer(p), listing(p)
 
     p = command("verify", cmd_verify, "check every checksum, offset-table row and task's metadata")

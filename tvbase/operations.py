@@ -5,6 +5,7 @@ Each opens its inputs through :mod:`tvbase.io.sources`, fits with a method of
 commit). Everything that can be refused is refused before the fit starts.
 """
 
+import math
 from pathlib import Path
 
 from .devices import resolve_device
@@ -17,7 +18,24 @@ from .names import validate_task_name
 COMPACT_METHOD = "tvbase"  # compact refits every task, whatever stored it, with the store's own method
 
 
-def ingest(store, items, params=None, base=None, device=None, progress=True, wait=0.0, method="tvbase", n_components=None):
+def check_memory(estimator, shapes, n_tasks, max_memory):
+    """Refuse, before any work, a fit whose planned peak memory exceeds ``max_memory`` bytes."""
+    if max_memory is None:
+        return
+    if isinstance(max_memory, bool) or not isinstance(max_memory, (int, float)) or max_memory <= 0:
+        raise InvalidInputError(f"max memory must be a positive number of bytes, got {max_memory!r}")
+    need = estimator.planned_peak_bytes(shapes, n_tasks)
+    if need > max_memory:
+        largest = max(shapes, key=lambda name: math.prod(shapes[name]))
+        raise InvalidInputError(
+            f"this fit of {n_tasks} task(s) is planned to need {need / 2**30:.2f} GiB, more than the "
+            f"--max-memory of {max_memory / 2**30:.2f} GiB (largest tensor {largest!r} {list(shapes[largest])}); "
+            "raise --max-memory, ingest fewer tasks at once, or lower --max-rank. Nothing was written."
+        )
+
+
+def ingest(store, items, params=None, base=None, device=None, progress=True, wait=0.0, method="tvbase", n_components=None,
+           max_memory=None):
     """Add fine-tunes as tasks, in one commit; see :meth:`tvbase.Store.ingest`."""
     items = dict(items)
     store._refresh()
@@ -39,12 +57,13 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
             params.bits = params.dense_bits = spec.default_bits
     params.validate()
     device = resolve_device(device)
+    estimator = spec.make(params, n_components=n_components, device=device, progress=progress)
+    check_memory(estimator, store.shapes, len(items), max_memory)
     base_checkpoint = store.open_base(base)
     sources = {}
     try:
         for name, path in items.items():
             sources[name] = open_task(path, base_checkpoint, store.meta["base"]["tensors"], f"task {name!r} ({path})")
-        estimator = spec.make(params, n_components=n_components, device=device, progress=progress)
         result = estimator.fit(TaskVectors(sources), list(items), store.shapes).result_
         recorded = {name: {"path": str(Path(p).resolve()), "hash": sources[name].hash} for name, p in items.items()}
     finally:
@@ -74,7 +93,7 @@ def rm(store, names, wait=0.0):
     return store.version
 
 
-def compact(store, params=None, device=None, progress=True, wait=0.0):
+def compact(store, params=None, device=None, progress=True, wait=0.0, max_memory=None):
     """Refit every task with the store's own method, as one commit; see :meth:`tvbase.Store.compact`.
 
     The writer exclusion is held for the whole run, fit included: another writer waits for it
@@ -85,6 +104,8 @@ def compact(store, params=None, device=None, progress=True, wait=0.0):
     params = params or FitParams.from_dict(store.meta["params"])
     params.validate()
     device = resolve_device(device)
+    estimator = get_method(COMPACT_METHOD).make(params, device=device, progress=progress)
+    check_memory(estimator, store.shapes, len(store.tasks), max_memory)
     commit_metadata = {"op": "compact"}  # read at commit, after the tasks are known
     with store._write("compact", commit_metadata, wait) as (root, meta):
         tasks = commit_metadata["tasks"] = store.tasks  # the head's, now that no other writer can change it
@@ -94,7 +115,6 @@ def compact(store, params=None, device=None, progress=True, wait=0.0):
         sources = {t: originals.get(t) or StoredTask(store._snapshot, t, device) for t in tasks}
         try:
             with TaskVectors(sources) as task_vectors:
-                estimator = get_method(COMPACT_METHOD).make(params, device=device, progress=progress)
                 result = estimator.fit(task_vectors, tasks, store.shapes).result_
         finally:
             if base is not None:

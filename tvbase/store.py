@@ -163,7 +163,8 @@ class Store:
             fmt.seal(tx.root, meta)
         self._load(tx.version)
 
-    def ingest(self, items, params=None, base=None, device=None, progress=True, wait=0.0, method="tvbase", n_components=None):
+    def ingest(self, items, params=None, base=None, device=None, progress=True, wait=0.0, method="tvbase", n_components=None,
+               max_memory=None):
         """Add fine-tuned checkpoints as tasks, in one commit.
 
         Parameters
@@ -177,6 +178,8 @@ class Store:
             Vector Bases seed method: "pca", "autoencoder", "cluster-merge".
         n_components : number of basis vectors M for a seed method (default T // 2, or the
             eigengap's cluster count for cluster-merge).
+        max_memory : bytes, or None. A fit planned to need more is refused before any work
+            (InvalidInputError), and the store is left as it was.
 
         With "tvbase", the first ingest into an empty store fits cluster-shared bases over its
         tasks; later ingests store each new task as a per-task truncated SVD until ``compact``.
@@ -185,7 +188,7 @@ class Store:
         """
         from . import operations
 
-        return operations.ingest(self, items, params, base, device, progress, wait, method, n_components)
+        return operations.ingest(self, items, params, base, device, progress, wait, method, n_components, max_memory)
 
     def rm(self, names, wait=0.0):
         """Remove tasks (one commit). Their bytes are reclaimed by ``compact``."""
@@ -193,17 +196,18 @@ class Store:
 
         return operations.rm(self, names, wait)
 
-    def compact(self, params=None, device=None, progress=True, wait=0.0):
+    def compact(self, params=None, device=None, progress=True, wait=0.0, max_memory=None):
         """Refit clusters and shared factors over every task in the store, as one commit.
 
         Each task is refitted from its original fine-tuned checkpoint when that file is still at
         its recorded path with its recorded content hash (and the base too); otherwise from its
         rebuild out of the current version, whose relative error is then recorded as the
         upper bound old error + refit error. The payload is rewritten without dead bytes.
+        The writer lock is held for the whole run; ``max_memory`` as for :meth:`ingest`.
         """
         from . import operations
 
-        return operations.compact(self, params, device, progress, wait)
+        return operations.compact(self, params, device, progress, wait, max_memory)
 
     def gc(self, keep, wait=0.0):
         """Expire all but the ``keep`` newest versions of main and delete what only they used.

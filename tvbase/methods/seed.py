@@ -946,6 +946,15 @@ class SeedBasisFit:
     def __repr__(self):
         return f"SeedBasisFit(method={self.method!r}, n_components={self.n_components!r})"
 
+    def planned_peak_bytes(self, shapes, n_tasks):
+        """Peak memory planned: the basis of the largest tensor (numel x M, float64, built and
+        then stored float32) beside a few copies of one task's tensor, and the process itself."""
+        from .tucker import PEAK_TENSOR_COPIES, PROCESS_BYTES
+
+        numel = max(math.prod(int(s) for s in shape) for shape in shapes.values())
+        components = self.n_components or max(1, n_tasks // 2)
+        return PROCESS_BYTES + 12 * numel * components + 4 * PEAK_TENSOR_COPIES * numel
+
     def fit(self, source, tasks, shapes):
         tasks = list(tasks)
         seed_result = fit_seed_basis(

@@ -12,6 +12,7 @@ than one tensor of one task plus the (small) factors. Passes over the data:
 7. relative reconstruction error of every task
 """
 
+import math
 import os
 import tempfile
 
@@ -38,6 +39,11 @@ from .budget import allocate_ranks, cumulative, uniform_ranks
 from .cluster import TaskClusterer, TaskSketcher
 from .params import FitParams
 from .result import FitResult, raw_bytes
+
+# Memory plan (see ClusterTucker.planned_peak_bytes), measured on 3 tasks of a 31M-parameter model
+# with a 30522 x 768 embedding: 1.52 GB peak RSS, 0.35 GB of it the process after its imports.
+PROCESS_BYTES = 400 * 2**20
+PEAK_TENSOR_COPIES = 12
 
 # A fit that leaves more than this share of its budget unused is repeated (so is one over it).
 _BUDGET_TOLERANCE = 0.01
@@ -73,6 +79,26 @@ class ClusterTucker:
 
     def __repr__(self):
         return f"{type(self).__name__}(params={self.params!r}, device={str(self.device)!r})"
+
+    def planned_peak_bytes(self, shapes, n_tasks):
+        """Peak memory a fit of ``n_tasks`` tasks of ``shapes`` is planned to take.
+
+        What one tensor's work holds at once, for the largest tensor: the fine-tune, the base and
+        the delta as read, the residual, the rebuilt shared part, an SVD's factors and workspace
+        (about ``PEAK_TENSOR_COPIES`` float32 copies, measured on a 30522 x 768 embedding); plus
+        what is kept across tensors: every task's cores at the largest shared rank. Candidate
+        factors wait on disk, not in memory.
+        """
+        params = self.params if self.params is not None else FitParams()
+        largest = max(4 * math.prod(int(s) for s in shape) for shape in shapes.values())
+        cores = 0
+        if self.shared:
+            for shape in shapes.values():
+                mshape = matrix_shape(shape)
+                if mshape:
+                    r = min(*mshape, params.max_rank)
+                    cores += 4 * r * r
+        return PROCESS_BYTES + PEAK_TENSOR_COPIES * largest + n_tasks * cores
 
     def fit(self, source, tasks, shapes):
         """Factorize the task vectors of ``tasks``.
