@@ -137,8 +137,21 @@ class _Fit:
         self.error = {}  # (task, name) -> ||tau - tau_hat||^2 of the stored factors
 
     # -- helpers -------------------------------------------------------------------------
-    def _bar(self, total, desc):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, unit="tensor")
+    def _stage(self, k, name):
+        """Name stage ``k`` of the fit on its one progress bar."""
+        self._progress.set_description(f"stage {k}/{self._stages}: {name}")
+        return self._progress
+
+    def _start_progress(self, shared):
+        """One bar for the whole fit, counted in parameters read: every read of a tensor
+        advances it by the tensor's size, so big tensors weigh what they cost and the ETA holds."""
+        numel = {name: math.prod(int(d) for d in shape) for name, shape in self.shapes.items()}
+        matrices = sum(numel[name] for name in self.matrices)
+        reads = sum(numel.values()) + matrices * (3 if shared else 1)  # see run()'s docstring
+        self._stages = 3 if shared else 2
+        self._progress = tqdm(total=reads * len(self.tasks), disable=not self.progress, leave=False,
+                              unit="param", unit_scale=True)
+        self._numel = numel
 
     def _read(self, task, name):
         x = self.source.tensor(task, name).to(self.device, torch.float32)
@@ -166,6 +179,7 @@ class _Fit:
         """Reads of each (task, matrix): the scan, the shared bases' two (shared fit only; the
         range read is skipped for matrices the sketch covers whole), the residual's one.
         Dense tensors are read once, by the scan."""
+        self._start_progress(shared)
         labels = self._scan(shared)
         self.result.labels = labels
         if self.p.rank is not None:
@@ -177,6 +191,7 @@ class _Fit:
         else:
             self._fit_to_budget(shared)
         self._record_errors()
+        self._progress.close()
         self.result.kind = {t: "svd" if labels[t] is None else "shared" for t in self.tasks}
         return self.result
 
@@ -226,7 +241,7 @@ class _Fit:
         cluster = shared and len(self.tasks) > 2 and self.p.n_clusters != 1
         sketcher = TaskSketcher(dim=self.p.sketch_dim, seed=self.p.seed) if cluster else None
         sketches, probes = [], []
-        bar = self._bar(len(self.tasks) * len(self.shapes), "scan")
+        bar = self._stage(1, "scan")
         for t in self.tasks:
             sketch = 0
             for i, name in enumerate(self.shapes):
@@ -239,10 +254,9 @@ class _Fit:
                     probes += self._probe(x)
                 if cluster:
                     sketch = sketch + sketcher.sketch_tensor(i, x.cpu())
-                bar.update()
+                bar.update(self._numel[name])
             if cluster:
                 sketches.append(sketch.numpy())
-        bar.close()
         raw = sum(len(p) for p in probes)
         self._probe_ratio = min(1.0, compressed_nbytes(probes) / raw) if raw else 1.0
         self.task_energy = {t: sum(self.layer_energy[t, n] for n in self.shapes) for t in self.tasks}
@@ -303,7 +317,7 @@ class _Fit:
         for t, c in labels.items():
             members.setdefault(c, []).append(t)
         items = []  # (cluster, name, qU, qV, cores, ru, rv, cost, gain)
-        bar = self._bar(2 * len(self.tasks) * len(self.matrices), "shared basis")
+        bar = self._stage(2, "shared bases (two reads)")
         for i, (name, (m, n)) in enumerate(self.matrices.items()):
             for c, group in sorted(members.items()):
                 k = len(group)
@@ -320,7 +334,7 @@ class _Fit:
                     gram_u = gram_u + left.double() @ left.double().T  # (l_u, l_u)
                     gram_v = gram_v + right.double().T @ right.double()  # (l_v, l_v)
                     projected[t] = left if Q_V is None else left @ Q_V  # K_t (l_u, l_v)
-                    bar.update()
+                    bar.update(m * n)
                 U = _top_eigvecs(gram_u, ru_max).float()  # (l_u, ru_max)
                 V = _top_eigvecs(gram_v, rv_max).float()  # (l_v, rv_max)
                 del gram_u, gram_v
@@ -347,7 +361,6 @@ class _Fit:
                     block = torch.cumsum(torch.cumsum(sq, 0), 1).cpu().numpy()
                     gain[1:] += np.array([block[a - 1, b - 1] for a, b in zip(ru[1:], rv[1:])]) * w
                 items.append((c, name, qU, qV, cores, ru, rv, cost, gain))
-        bar.close()
         return items
 
     def _range(self, group, name, m, n, ru_max, rv_max, gen, bar):
@@ -365,7 +378,7 @@ class _Fit:
                     Y += x @ torch.randn(n, l_u, generator=gen, device=self.device)  # (m, l_u)
                 if sketch_v:
                     Z += x.T @ torch.randn(m, l_v, generator=gen, device=self.device)  # (n, l_v)
-            bar.update()
+            bar.update(m * n)
         return (torch.linalg.qr(Y).Q if sketch_u else None), (torch.linalg.qr(Z).Q if sketch_v else None)
 
     def _shared_part(self, task, name):
@@ -396,7 +409,7 @@ class _Fit:
         self._lowrank_keys = [(t, name) for t in self.tasks for name in self.matrices]
         self._lowrank_curves, self._lowrank_errors = [], []
         self._spill = _Spill()
-        bar = self._bar(len(self._lowrank_keys), "residual" if shared else "svd")
+        bar = self._stage(self._stages, "residuals" if shared else "per-task SVD")
         for t, name in self._lowrank_keys:
             m, n = self.matrices[name]
             e = self._residual(t, name)  # (m, n)
@@ -418,8 +431,7 @@ class _Fit:
             cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
             self._lowrank_curves.append((cost, gain))
             self._lowrank_errors.append(np.maximum(error, 0.0))
-            bar.update()
-        bar.close()
+            bar.update(m * n)
 
     def _set_lowrank(self, ranks):
         """Per-task low-rank factors at ``ranks`` (one per candidate), and their errors."""
