@@ -135,6 +135,7 @@ class _Fit:
         self.result = FitResult(tasks={t: {name: TaskTensor() for name in shapes} for t in tasks})
         self.layer_energy = {}  # (task, name) -> ||tau||^2
         self.error = {}  # (task, name) -> ||tau - tau_hat||^2 of the stored factors
+        self._shared_candidates = None  # what _shared_bases computed, reused by every allocation
 
     # -- helpers -------------------------------------------------------------------------
     def _stage(self, k, name):
@@ -200,10 +201,11 @@ class _Fit:
 
         Ranks are allocated in payload bytes, but the store compresses its payload and adds an
         offset-table row per factor, metadata per task and, for a shared fit, its own files. The
-        compression is predicted by a probe, then the low-rank terms are allocated again (at most
-        twice) with their budget scaled by what the factors measured on disk against what was
-        allowed. The shared part is fitted once; a repeat reads nothing: it truncates the
-        candidate factors of the one residual pass.
+        compression is predicted by a probe, then each part is allocated again (at most twice)
+        with its budget scaled by what its factors measured on disk against what it was allowed:
+        first the shared part, to ``1 - residual_share`` of the allowance, then the per-task
+        terms, to the rest. No repeat reads anything: the shared part's candidates are kept, and
+        the per-task terms truncate the candidate factors of the one residual pass.
         """
         fixed = (
             self._dense_bytes()
@@ -222,15 +224,30 @@ class _Fit:
         allowed = self._budget_bytes() - fixed
         n_rows = 3 * len(self.matrices) * len(self.tasks)  # core, A, B per task and matrix, at most
         payload_budget = (allowed - n_rows * INDEX_ROW_DISK_BYTES) / self._probe_ratio
-        spent = self._fit_shared(self.result.labels, payload_budget * (1 - self.p.residual_share)) if shared else 0.0
+        spent = shared_disk = 0.0
+        if shared:
+            shared_allowed = allowed * (1 - self.p.residual_share)
+            shared_budget = payload_budget * (1 - self.p.residual_share)
+            for _ in range(3):
+                spent = self._fit_shared(self.result.labels, shared_budget)
+                shared_disk = self._factors_on_disk()  # no per-task term is set yet
+                if shared_allowed * (1 - _BUDGET_TOLERANCE) <= shared_disk <= shared_allowed:
+                    break
+                shared_budget *= shared_allowed * (1 - _BUDGET_TOLERANCE / 2) / max(shared_disk, 1)  # aim mid-band
         self._lowrank_candidates(self.p.max_rank, shared)
+        residual_budget = payload_budget - spent
         for _ in range(3):
-            self._set_lowrank(allocate_ranks(self._lowrank_curves, max(payload_budget - spent, 0.0)))
-            payloads = [q.to_bytes() for q in self._factor_payloads()]
-            on_disk = compressed_nbytes(payloads) + len(payloads) * INDEX_ROW_DISK_BYTES
+            self._set_lowrank(allocate_ranks(self._lowrank_curves, max(residual_budget, 0.0)))
+            on_disk = self._factors_on_disk()
             if allowed * (1 - _BUDGET_TOLERANCE) <= on_disk <= allowed:
                 break
-            payload_budget *= allowed * (1 - _BUDGET_TOLERANCE / 2) / max(on_disk, 1)  # aim mid-band
+            residual_allowed = allowed * (1 - _BUDGET_TOLERANCE / 2) - shared_disk
+            residual_budget *= max(residual_allowed, 0.0) / max(on_disk - shared_disk, 1)  # aim mid-band
+
+    def _factors_on_disk(self):
+        """Predicted disk bytes of the factors fitted so far: compressed payload and index rows."""
+        payloads = [q.to_bytes() for q in self._factor_payloads()]
+        return compressed_nbytes(payloads) + len(payloads) * INDEX_ROW_DISK_BYTES
 
     def _factor_payloads(self):
         """Every fitted factor but the dense tensors, in the order the store writes them."""
@@ -282,8 +299,15 @@ class _Fit:
         return [quantize((u * s).cpu(), self.p.bits).to_bytes(), quantize(v.cpu(), self.p.bits).to_bytes()]
 
     def _fit_shared(self, labels, budget):
-        """Shared bases, cores, rank allocation (None: explicit ranks). Returns the bytes spent."""
-        items = self._shared_bases(labels)
+        """Shared bases, cores, rank allocation (None: explicit ranks), replacing an earlier
+        allocation's. Returns the payload bytes spent."""
+        if self._shared_candidates is None:  # independent of the budget: kept for a repeat
+            self._shared_candidates = self._shared_bases(labels)
+        items = self._shared_candidates
+        self.result.clusters = {}
+        for tensors in self.result.tasks.values():
+            for tt in tensors.values():
+                tt.core = None
         bits = self.p.bits
         curves = [(it[7], it[8]) for it in items]
         ranks = uniform_ranks(curves, self.p.rank) if budget is None else allocate_ranks(curves, budget)
