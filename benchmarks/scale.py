@@ -14,12 +14,14 @@ move a few hundred rows much further than the rest, as a fine-tune moves the row
 its data uses. Every delta's Frobenius norm is 1-5% of its weight's.
 
 Every tvbase command runs as a ``python -m tvbase.cli`` subprocess and so does every plain
-baseline, so that each peak RSS is that one process's own (taken from ``os.wait4``: the rusage of
-exactly that child; ``RUSAGE_CHILDREN`` would be a maximum over every child reaped so far). Per
-layout, with T tasks:
+baseline, so that each peak RSS is that one process's own: a bare ``python -S`` shim forks the
+command, waits for it with ``os.wait4`` and reports the rusage of exactly that child (forked from
+this process instead, a child would carry this process's own high-water mark into its
+``ru_maxrss``). Per layout, with T tasks:
 
-- ``read_pass_s``: one plain read pass (``safetensors.safe_open`` + ``get_tensor`` of every tensor)
-  of the base and the T fine-tunes, page cache warm (the same pass runs once before, untimed);
+- ``read_pass_s``: one plain read pass (``safetensors.safe_open`` + ``get_tensor`` of every tensor,
+  its bytes copied into a buffer so that they are read) of the base and the T fine-tunes, page
+  cache warm (the same pass runs once before, untimed);
 - ``ingest_s``, ``ingest_peak_rss_bytes`` of ``tvbase ingest -q`` of the T tasks at the default
   budget into a new store, ``ingest_over_read_pass`` (goal <= 5 on 2 CPU cores), and the store's
   ``disk_storage`` from ``tvbase info --json``;
@@ -646,6 +648,25 @@ class Measurement:
                 "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 3), "rc": self.rc, "timed_out": self.timed_out}
 
 
+# Run as `python -S -c _SHIM STATS ARGV...`: fork, exec ARGV, wait4, write the child's rusage to STATS.
+_SHIM = """
+import json, os, sys, time
+stats, argv = sys.argv[1], sys.argv[2:]
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t
+rc = os.waitstatus_to_exitcode(status)
+with open(stats, "w") as f:
+    json.dump({"wall_s": wall, "rc": rc, "maxrss_kb": ru.ru_maxrss, "cpu_s": ru.ru_utime + ru.ru_stime}, f)
+sys.exit(rc if rc >= 0 else 128 - rc)
+"""
+
 _PRELOAD = ["tvbase.cli", "tvbase.store", "tvbase.io.sources", "tvbase.arithmetic", "icechunk", "zarr", "safetensors.torch"]
 _fork_context = None
 
@@ -693,7 +714,7 @@ class Runner:
     ----------
     launcher : {"exec", "fork"}, default "exec"
         ``exec``: a real ``python -m ...`` subprocess (in its own session, killed with its group at
-        the timeout), its rusage from ``os.wait4``. ``fork``: a process forked from a server that
+        the timeout), forked by a bare interpreter that reports its rusage from ``os.wait4``. ``fork``: a process forked from a server that
         has imported torch and tvbase (no interpreter start-up, for the tests); its peak RSS is
         what it reports of itself.
     timeout : float, default 1800
@@ -733,7 +754,7 @@ class Runner:
         stem = self.logs / f"{self._n:03d}"
         out_path, err_path = Path(f"{stem}.stdout"), Path(f"{stem}.stderr")
         if self.launcher == "exec":
-            m = self._exec([sys.executable, *argv], out_path, err_path)
+            m = self._exec([sys.executable, *argv], out_path, err_path, Path(f"{stem}.stats"))
         else:
             m = self._fork(argv, out_path, err_path, Path(f"{stem}.stats"))
         m.argv = ["python", *argv]
@@ -741,13 +762,17 @@ class Runner:
         self.records.append(m.record())
         return m
 
-    def _exec(self, argv, out_path, err_path):
+    def _exec(self, argv, out_path, err_path, stats_path):
+        # Through _SHIM: a child forked from this process would inherit its peak RSS (Linux keeps
+        # the larger of the forked image's and the exec'd program's high-water mark), so the
+        # command is forked from a bare interpreter that reports the rusage of its one child.
         with open(out_path, "w") as out, open(err_path, "w") as err:
             started = time.perf_counter()
             env = _env()
             if self.threads:
                 env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
-            proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, start_new_session=True)
+            proc = subprocess.Popen([sys.executable, "-S", "-c", _SHIM, str(stats_path), *argv], stdout=out, stderr=err,
+                                    env=env, start_new_session=True)
         expired = threading.Event()
 
         def kill():
@@ -760,14 +785,19 @@ class Runner:
         timer = threading.Timer(self.timeout, kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         finally:
             timer.cancel()
         wall = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
         timed_out = expired.is_set()
-        return Measurement(argv, wall, usage.ru_maxrss * 1024, None if timed_out else proc.returncode, timed_out, self.timeout,
-                           usage.ru_utime + usage.ru_stime)
+        try:
+            stats = json.loads(stats_path.read_text())
+        except (OSError, ValueError):
+            stats = None
+        if timed_out or stats is None:
+            rc = None if timed_out else proc.returncode
+            return Measurement(argv, wall, 0, rc, timed_out, self.timeout)
+        return Measurement(argv, stats["wall_s"], stats["maxrss_kb"] * 1024, stats["rc"], False, self.timeout, stats["cpu_s"])
 
     def _fork(self, argv, out_path, err_path, stats_path):
         proc = _fork_ctx().Process(target=_forked_child, args=(argv, str(out_path), str(err_path), str(stats_path), self.threads))
@@ -791,7 +821,9 @@ class Runner:
 
 # -- the plain baselines (children) --------------------------------------------------------------
 def read_pass(paths: Sequence[str | os.PathLike]) -> dict:
-    """Read every tensor of every file once (``safe_open`` + ``get_tensor``), as plainly as possible.
+    """Read every tensor of every file once, as plainly as possible: ``safe_open``, ``get_tensor``
+    and a copy of its bytes into one reused buffer (``get_tensor`` maps the file: without the copy
+    nothing need be read).
 
     Returns
     -------
@@ -801,13 +833,17 @@ def read_pass(paths: Sequence[str | os.PathLike]) -> dict:
     from safetensors import safe_open
 
     started, n, nbytes = time.perf_counter(), 0, 0
+    buffer = torch.empty(0, dtype=torch.uint8)
     for path in paths:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                t = f.get_tensor(key)
+                raw = f.get_tensor(key).reshape(-1).view(torch.uint8)
+                if raw.numel() > buffer.numel():
+                    buffer = torch.empty(raw.numel(), dtype=torch.uint8)
+                buffer[: raw.numel()].copy_(raw)
                 n += 1
-                nbytes += t.numel() * t.element_size()
-                del t
+                nbytes += raw.numel()
+                del raw
     return {"inner_s": time.perf_counter() - started, "files": len(paths), "tensors": n, "bytes": nbytes}
 
 
@@ -1346,15 +1382,15 @@ def markdown(summary: dict, plot: str | None = None) -> str:
         f"({m['device']}{', ' + m['gpu'] if m.get('gpu') else ''}), {(m['memory_bytes'] or 0) / 2**30:.0f} GiB RAM, torch {m['torch']}, "
         f"tvbase {m['tvbase']} ({m['git_commit']}). Default budget (3%); every tvbase command and every plain baseline a "
         f"separate subprocess, timed from outside (interpreter start-up included: `tvbase --version` takes "
-        f"{_fmt_s(summary['startup_s'])}), peak RSS from `wait4`; 1-minute load average {m.get('load_average_at_start')} "
+        f"{_fmt_s(summary['startup_s'])}), peak RSS from `wait4` (the command forked by a bare interpreter); 1-minute load average {m.get('load_average_at_start')} "
         f"at the start, {m.get('load_average')} at the end (other processes' load slows every figure).",
         "",
         f"Synthetic fine-tunes (seed {summary['seed']}): per 2-D weight a low-rank part shared by the task's group "
         f"({gen['groups']} groups; {gen['energy']['shared']:.0%} of the energy), a low-rank part of its own "
         f"({gen['energy']['own']:.0%}) and dense noise ({gen['energy']['noise']:.0%}); word embeddings and untied heads also move "
         f"a few hundred rows ({gen['moved_share']:.0%} of their energy); every delta's norm is {gen['rel_norm'][0]:.0%}-"
-        f"{gen['rel_norm'][1]:.0%} of its weight's. Read pass: `safe_open` + `get_tensor` of the base and the T fine-tunes, "
-        "page cache warm; raw load: one fine-tune and the base loaded and subtracted in fp32 (writes nothing; `get` writes its "
+        f"{gen['rel_norm'][1]:.0%} of its weight's. Read pass: `safe_open` + `get_tensor` (bytes copied out) of the base and the T "
+        "fine-tunes, page cache warm; raw load: one fine-tune and the base loaded and subtracted in fp32 (writes nothing; `get` writes its "
         "file); later / joint error: the relative error of task T ingested by a second `tvbase ingest` / with the others in "
         "one ingest. ✗ marks a missed goal.",
         "",

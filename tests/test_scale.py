@@ -203,6 +203,10 @@ def test_real_subprocesses(zoo, tmp_path):
     m = runner.child("read-pass", zoo.base, zoo.task(0))
     assert m.ok and m.peak_rss_bytes > 10 * 2**20, m.stderr
     assert json.loads(m.stdout)["tensors"] == 2 * len(TINY.tensors)
+    # a child's peak RSS is its own, not this process's (which a plain fork would hand down)
+    ballast = torch.ones(256 * 2**20 // 4)
+    bare = runner.run(["-S", "-c", "pass"])
+    assert bare.ok and 0 < bare.peak_rss_bytes < 128 * 2**20 and ballast.sum() > 0
     slow = scale.Runner("exec", timeout=0.2, logs=tmp_path).child("read-pass", zoo.base)  # importing torch takes longer
     assert slow.timed_out and slow.rc is None and slow.status("read pass")["timed_out"]
 
