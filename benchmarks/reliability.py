@@ -244,7 +244,8 @@ def call_cli(*args):
 # process forked from a fork server that has already imported torch and tvbase, running
 # `tvbase.cli.main(argv)`; it is as separate and as killable, and skips the ~2 s interpreter and
 # torch start-up (what the tests use to stay fast).
-_PRELOAD = ["tvbase.cli", "tvbase.store", "tvbase.io.sources", "tvbase.arithmetic", "icechunk", "zarr", "benchmarks.reliability"]
+# tvbase imports torch lazily, so the server preloads what a write command will import
+_PRELOAD = ["tvbase.cli", "tvbase.store", "tvbase.io.sources", "tvbase.arithmetic", "tvbase.operations", "tvbase.methods.tucker", "tvbase.reconstruct", "torch", "icechunk", "zarr", "benchmarks.reliability"]
 _fork_context = None
 
 
