@@ -1400,6 +1400,15 @@ def markdown(summary: dict, plot: str | None = None) -> str:
         lines += ["", f"![ingest time and peak RSS against T]({plot})"]
     elif plot is None and summary.get("plot_note"):
         lines += ["", summary["plot_note"]]
+    for r in summary["layouts"]:
+        if _is_number(r.get("read_pass_inner_s")) and _is_number(r.get("read_pass_s")):
+            lines += ["", f"{r['layout']}: the read pass spends {_fmt_s(r['read_pass_inner_s'])} reading "
+                          f"{(r.get('read_pass_bytes') or 0) / 1e9:.2f} GB of its {_fmt_s(r['read_pass_s'])} (the rest: interpreter, "
+                          "torch and safetensors start-up)."]
+        if _is_number(r.get("later_stored_bytes")) and _is_number(r.get("joint_stored_bytes")):
+            lines += ["", f"{r['layout']}: task {r['later_task']} takes {r['later_stored_bytes']:,} B when ingested later "
+                          f"({r.get('later_kind')}), {r['joint_stored_bytes']:,} B in the joint fit ({r.get('joint_kind')}; its share "
+                          "of the shared factors included); both stores at the same budget."]
     missed = [g for g in summary["goals"] if g["met"] is False]
     unmeasured = [g for g in summary["goals"] if g["met"] is None]
     if missed:
