@@ -186,20 +186,30 @@ def write_fit(root, meta, result, shapes, params, sources, append, previous=None
             **({"coefficients": list(coefficients)} if coefficients is not None else {}),
         }
 
-    chunks, rows = [], []
+    rows, start = [], offset
     for owner, key, name, role, q in packing_order(result.clusters, result.tasks):
         kind, owner_id = (OWNER_SHARED, cluster_ids[key]) if owner == "cluster" else (OWNER_TASK, task_ids[key])
-        data = q.to_bytes()
-        rows.append([kind, owner_id, tensor_id[name], ROLES.index(role), q.shape[0], q.shape[1], q.bits, offset, len(data)])
-        chunks.append(np.frombuffer(data, dtype=np.uint8))
-        offset += len(data)
-    new = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint8)
-    start = offset - len(new)
+        rows.append([kind, owner_id, tensor_id[name], ROLES.index(role), q.shape[0], q.shape[1], q.bits, offset, q.nbytes])
+        offset += q.nbytes
     payload.resize((offset,))
-    if len(new):
-        payload[start:offset] = new
+    _write_payload(payload, (q for *_, q in packing_order(result.clusters, result.tasks)), start)
     new_rows = np.asarray(rows, dtype=np.int64).reshape(-1, len(INDEX_COLUMNS))
     write_index(index_array, np.concatenate([index, new_rows]))
+
+
+def _write_payload(payload, factors, start, block=32 * PAYLOAD_CHUNK):
+    """Write the factors' bytes back to back from ``start``, a block of whole chunks at a time:
+    a copy of the whole new payload would be as large as every fitted factor together."""
+    pending, at = bytearray(), start
+    for q in factors:
+        pending += q.to_bytes()
+        if len(pending) >= block:
+            n = len(pending) - (at + len(pending)) % PAYLOAD_CHUNK  # end the block on a chunk boundary
+            payload[at : at + n] = np.frombuffer(bytes(pending[:n]), dtype=np.uint8)
+            del pending[:n]
+            at += n
+    if pending:
+        payload[at : at + len(pending)] = np.frombuffer(bytes(pending), dtype=np.uint8)
 
 
 def drop_tasks(root, meta, index, names):
