@@ -135,15 +135,13 @@ def test_bf16_and_f16_converted_to_requested_dtype(tmp_path):
 def test_get_is_lazy_and_keeps_one_handle_per_shard(sharded, monkeypatch):
     directory, tensors = sharded
     opened = []
-    real_safe_open = sources.safe_open
 
-    def counting_safe_open(path, *args, **kwargs):
+    def counting_open(path, *args, **kwargs):
         opened.append(os.path.basename(path))
-        return real_safe_open(path, *args, **kwargs)
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(sources, "safe_open", counting_safe_open)
-    checkpoint = Checkpoint.open(directory)
-    assert opened == []  # opening validates headers only
+    checkpoint = Checkpoint.open(directory)  # reads the headers, keeps no file open
+    monkeypatch.setattr(sources, "open", counting_open, raising=False)
     checkpoint.get("embed.weight")
     checkpoint.get("layer.0.bias")  # same shard
     assert opened == ["model-00001-of-00003.safetensors"]
@@ -152,6 +150,25 @@ def test_get_is_lazy_and_keeps_one_handle_per_shard(sharded, monkeypatch):
     checkpoint.close()
     assert torch.equal(checkpoint.get("scale"), tensors["scale"])  # reopens after close
     assert len(opened) == 3
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssFile from /proc (Linux)")
+def test_reads_do_not_keep_the_file_mapped(tmp_path):
+    """A fit keeps its inputs open; a memory-mapped read would keep every page it touched in the
+    process's resident set until then (RssFile grew by the size of every input read)."""
+
+    def rss_file():
+        line = next(x for x in open("/proc/self/status").read().splitlines() if x.startswith("RssFile"))
+        return int(line.split()[1]) * 1024
+
+    tensors = {f"w{i}": torch.randn(1024, 1024) for i in range(8)}  # 32 MiB
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    checkpoint = Checkpoint.open(tmp_path / "m.safetensors")
+    before = rss_file()
+    for name, tensor in tensors.items():
+        assert torch.equal(checkpoint.get(name), tensor)
+    assert rss_file() - before < 8 * 2**20
+    checkpoint.close()
 
 
 def test_unknown_tensor_is_not_found(single):

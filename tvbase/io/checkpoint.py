@@ -17,6 +17,7 @@ import json
 import math
 import os
 import struct
+import sys
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
@@ -43,6 +44,12 @@ _DTYPE_BITS = {
     "I64": 64, "U64": 64, "F64": 64, "C64": 64,
 }  # fmt: skip
 _INTEGER_DTYPES = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
+# dtypes read with a plain file read into memory of our own; the rest go through safetensors.
+_TORCH_DTYPES = {
+    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
 
 
 
@@ -60,8 +67,12 @@ class Checkpoint:
     """A read-only, lazy view of a safetensors checkpoint.
 
     Build one with :meth:`Checkpoint.open`; it validates every header up front and reads tensor
-    data only when asked (:meth:`get`, :meth:`fingerprint`). Files are opened lazily, one
-    ``safe_open`` handle per shard, kept until :meth:`close` (or the end of a ``with`` block).
+    data only when asked (:meth:`get`, :meth:`fingerprint`). Files are opened lazily, one handle
+    per shard, kept until :meth:`close` (or the end of a ``with`` block).
+
+    Tensors are read with plain file reads into fresh memory, not through a memory map: pages of
+    a mapped file stay in the process's resident set while it is open, and a fit keeps every
+    input open, so a memory map made its peak RSS grow by the size of every input it touched.
 
     Attributes
     ----------
@@ -134,7 +145,7 @@ class Checkpoint:
         """Close the open shard handles; a later :meth:`get` reopens them as needed."""
         handles, self._handles = self._handles, {}
         for handle in handles.values():
-            handle.__exit__(None, None, None)
+            handle.close()
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r}, {len(self.names)} tensors, {len(self.files)} files)"
@@ -174,14 +185,38 @@ class Checkpoint:
             If the checkpoint has no tensor ``name``.
         """
         entry = self._entry(name)
+        if entry.dtype in _TORCH_DTYPES and sys.byteorder == "little":  # the file is little-endian
+            tensor = self._read(entry).view(_TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+        else:
+            tensor = self._read_with_safetensors(entry, name)
+        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
+
+    def _read(self, entry: _Entry) -> torch.Tensor:
+        """The raw bytes of one tensor, (nbytes,) uint8."""
+        buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
+        view, handle = memoryview(buffer.numpy()), self._handle(entry.file)
+        handle.seek(entry.begin)
+        done = 0
+        while done < len(view):
+            got = handle.readinto(view[done:])
+            if not got:
+                raise InvalidInputError(
+                    f"safetensors file {str(entry.file)!r} ended early while reading; it changed since it "
+                    "was opened: re-export or re-download it."
+                )
+            done += got
+        return buffer
+
+    def _read_with_safetensors(self, entry: _Entry, name: str) -> torch.Tensor:
+        """A dtype we do not decode ourselves: safetensors reads it, mapped only for this call."""
         try:
-            tensor = self._handle(entry.file).get_tensor(name)
-        except SafetensorError as error:
+            with safe_open(str(entry.file), framework="pt", device="cpu") as f:
+                return f.get_tensor(name).clone()
+        except (SafetensorError, OSError) as error:
             raise InvalidInputError(
                 f"cannot read tensor {name!r} ({entry.dtype}) from {str(entry.file)!r}: {error}; "
                 "the file may have changed since it was opened, or torch cannot load this dtype."
             ) from error
-        return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
     def fingerprint(self) -> dict:
         """Names, shapes, dtypes and a content hash that does not depend on sharding.
@@ -229,10 +264,10 @@ class Checkpoint:
     def _handle(self, file: Path):
         if file not in self._handles:
             try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as error:
+                self._handles[file] = open(file, "rb", buffering=0)  # noqa: SIM115 (closed by close())
+            except OSError as error:
                 raise InvalidInputError(
-                    f"safetensors cannot open {str(file)!r}: {error}; "
+                    f"cannot open {str(file)!r}: {error}; "
                     "the file may have changed since it was opened; re-export or re-download it."
                 ) from error
         return self._handles[file]

@@ -40,10 +40,11 @@ from .cluster import TaskClusterer, TaskSketcher
 from .params import FitParams
 from .result import FitResult, raw_bytes
 
-# Memory plan (see ClusterTucker.planned_peak_bytes), measured on 3 tasks of a 31M-parameter model
-# with a 30522 x 768 embedding: 1.52 GB peak RSS, 0.35 GB of it the process after its imports.
+# Memory plan (see ClusterTucker.planned_peak_bytes), measured on 2 tasks of a 110M-parameter
+# BERT-base layout (30522 x 768 embedding, 94 MB): 0.80 GiB peak RSS, 0.26 GiB of it the process
+# after its imports, so about 6 copies of the largest tensor; planned with a margin.
 PROCESS_BYTES = 400 * 2**20
-PEAK_TENSOR_COPIES = 12
+PEAK_TENSOR_COPIES = 8
 
 # A fit that leaves more than this share of its budget unused is repeated (so is one over it).
 _BUDGET_TOLERANCE = 0.01
@@ -86,8 +87,8 @@ class ClusterTucker:
         What one tensor's work holds at once, for the largest tensor: the fine-tune, the base and
         the delta as read, the residual, the rebuilt shared part, an SVD's factors and workspace
         (about ``PEAK_TENSOR_COPIES`` float32 copies, measured on a 30522 x 768 embedding); plus
-        what is kept across tensors: every task's cores at the largest shared rank. Candidate
-        factors wait on disk, not in memory.
+        what is kept across tensors: every task's quantized cores at the largest shared rank.
+        Range sketches, float cores and per-task factors wait on disk, not in memory.
         """
         params = self.params if self.params is not None else FitParams()
         largest = max(4 * math.prod(int(s) for s in shape) for shape in shapes.values())
@@ -97,7 +98,7 @@ class ClusterTucker:
                 mshape = matrix_shape(shape)
                 if mshape:
                     r = min(*mshape, params.max_rank)
-                    cores += 4 * r * r
+                    cores += payload_nbytes(r, r, params.bits)
         return PROCESS_BYTES + PEAK_TENSOR_COPIES * largest + n_tasks * cores
 
     def fit(self, source, tasks, shapes):
