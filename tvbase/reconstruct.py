@@ -45,15 +45,16 @@ def rebuild_tensor(shape, terms, device="cpu"):
 
     m, n = mshape
     out = out.reshape(m, n)
+    # products accumulate in place (addmm_): no m x n temporary per term
     for shared, core_sum in _sum_per_basis(terms, "core", device):
         U = dequantize(shared.U, device=device)  # (m, r_u)
         V = dequantize(shared.V, device=device)  # (n, r_v)
-        out += U @ core_sum @ V.T
+        out.addmm_(U @ core_sum, V.T)
     lowrank = [(alpha, tt) for alpha, _, tt in terms if tt.A is not None]
     if lowrank:
         A = torch.cat([alpha * dequantize(tt.A, device=device) for alpha, tt in lowrank], dim=1)  # (m, sum q)
         B = torch.cat([dequantize(tt.B, device=device) for _, tt in lowrank], dim=1)  # (n, sum q)
-        out += A @ B.T
+        out.addmm_(A, B.T)
     return out.reshape(shape)
 
 
