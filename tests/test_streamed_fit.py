@@ -73,3 +73,25 @@ def test_peak_memory_of_a_first_ingest_stays_far_below_the_old_gram(model_zoo, t
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=True)
     growth = json.loads(out.stdout.strip().splitlines()[-1])["growth"]
     assert growth < OLD_GRAM_BYTES / 2, f"the ingest grew the process by {growth / 2**20:.0f} MiB"
+
+
+def test_prefetch_reads_ahead_in_order_and_passes_errors_on():
+    from tvbase.methods.tucker import _Prefetch
+
+    started = []
+
+    def read(task, name):
+        started.append((task, name))
+        if name == "bad":
+            raise ValueError("unreadable")
+        return f"{task}/{name}"
+
+    keys = [("a", "x"), ("a", "y"), ("b", "bad")]
+    with _Prefetch(read, keys) as fetch:
+        assert fetch("a", "x") == "a/x"
+        assert fetch("a", "y") == "a/y"
+        with pytest.raises(ValueError, match="unreadable"):
+            fetch("b", "bad")
+    assert started == keys  # each read once, in the planned order
+    with _Prefetch(read, keys) as fetch, pytest.raises(RuntimeError, match="out of the planned order"):
+        fetch("a", "y")

@@ -15,6 +15,8 @@ sketches, cores, candidate factors) waits in a temporary file. Reads of each mat
 import math
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -182,6 +184,13 @@ class _Fit:
         """Reads of each (task, matrix): the scan, the shared bases' projection (shared fit
         only), the residual's. Dense tensors are read once, by the scan."""
         self._start_progress(shared)
+        with ExitStack() as self._exits:  # background readers are stopped however the fit ends
+            return self._run(shared)
+
+    def _enter(self, context):
+        return self._exits.enter_context(context)
+
+    def _run(self, shared):
         labels = self._scan(shared)
         self.result.labels = labels
         if self.p.rank is not None:
@@ -261,10 +270,11 @@ class _Fit:
         sketcher = TaskSketcher(dim=self.p.sketch_dim, seed=self.p.seed) if cluster else None
         sketches, probes = [], []
         bar = self._stage(1, "scan")
+        read = self._enter(_Prefetch(self._read, [(t, name) for t in self.tasks for name in self.shapes]))
         for j, t in enumerate(self.tasks):
             sketch = 0
             for i, name in enumerate(self.shapes):
-                x = self._read(t, name)
+                x = read(t, name)
                 self.layer_energy[t, name] = float(x.square().sum())
                 if name in self.dense:
                     q = self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
@@ -279,6 +289,7 @@ class _Fit:
                 bar.update(self._numel[name])
             if cluster:
                 sketches.append(sketch.numpy())
+        read.close()
         raw = sum(len(p) for p in probes)
         self._probe_ratio = min(1.0, compressed_nbytes(probes) / raw) if raw else 1.0
         self.task_energy = {t: sum(self.layer_energy[t, n] for n in self.shapes) for t in self.tasks}
@@ -381,8 +392,10 @@ class _Fit:
             members.setdefault(c, []).append(t)
         items = []  # (cluster, name, qU, qV, group, ru, rv, cost, gain)
         bar = self._stage(2, "shared bases")
+        groups = sorted(members.items())
+        read = self._enter(_Prefetch(self._read, [(t, name) for name in self.matrices for _, group in groups for t in group]))
         for name, (m, n) in self.matrices.items():
-            for c, group in sorted(members.items()):
+            for c, group in groups:
                 k = len(group)
                 ru_max = min(m, k * n, self.p.max_rank)
                 rv_max = min(n, k * m, self.p.max_rank)
@@ -390,7 +403,7 @@ class _Fit:
                 gram_u = gram_v = 0
                 projected = {}
                 for t in group:
-                    x = self._read(t, name)
+                    x = read(t, name)
                     left = x if Q_U is None else Q_U.T @ x  # (l_u, n)
                     right = x if Q_V is None else x @ Q_V  # (m, l_v)
                     gram_u = gram_u + left.double() @ left.double().T  # (l_u, l_u)
@@ -422,6 +435,7 @@ class _Fit:
                     gain[1:] += np.array([block[a - 1, b - 1] for a, b in zip(ru[1:], rv[1:])]) * self._weight(t, name)
                 del projected
                 items.append((c, name, qU, qV, group, ru, rv, cost, gain))
+        read.close()
         return items
 
     def _shared_part(self, task, name):
@@ -433,8 +447,8 @@ class _Fit:
             return None
         return rebuild_tensor(self.matrices[name], [(1.0, basis, TaskTensor(core=tt.core))], device=self.device)
 
-    def _residual(self, task, name):
-        x = self._read(task, name)
+    def _residual(self, read, task, name):
+        x = read(task, name)
         shared = self._shared_part(task, name)
         return x if shared is None else x - shared
 
@@ -452,9 +466,10 @@ class _Fit:
         self._lowrank_keys = [(t, name) for t in self.tasks for name in self.matrices]
         self._lowrank_curves, self._lowrank_errors = [], []
         bar = self._stage(self._stages, "residuals" if shared else "per-task SVD")
+        read = self._enter(_Prefetch(self._read, self._lowrank_keys))
         for t, name in self._lowrank_keys:
             m, n = self.matrices[name]
-            e = self._residual(t, name)  # (m, n)
+            e = self._residual(read, t, name)  # (m, n)
             q_max = min(m, n, q_cap)
             residual_energy = float(e.double().square().sum())
             if q_max == 0:
@@ -474,6 +489,7 @@ class _Fit:
             self._lowrank_curves.append((cost, gain))
             self._lowrank_errors.append(np.maximum(error, 0.0))
             bar.update(m * n)
+        read.close()
 
     def _set_lowrank(self, ranks):
         """Per-task low-rank factors at ``ranks`` (one per candidate), and their errors."""
@@ -492,6 +508,37 @@ class _Fit:
             total = self.task_energy[t]
             err = sum(self.error[t, name] for name in self.shapes)
             self.result.rel_error[t] = (err / total) ** 0.5 if total > 0 else 0.0
+
+
+class _Prefetch:
+    """A pass's reads in a known order, each next one read by a background thread while the
+    current one is worked on (reading and decoding release the GIL): ``read(task, name)``.
+    One tensor ahead at most, which the memory plan's tensor copies include."""
+
+    def __init__(self, read, keys):
+        self._read, self._keys = read, iter(keys)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvbase-read")
+        self._next = self._submit()
+
+    def _submit(self):
+        key = next(self._keys, None)
+        return None if key is None else (key, self._pool.submit(self._read, *key))
+
+    def __call__(self, task, name):
+        key, future = self._next
+        if key != (task, name):
+            raise RuntimeError(f"read {(task, name)} out of the planned order (next: {key})")  # a bug, not an input
+        self._next = self._submit()
+        return future.result()
+
+    def __enter__(self):
+        return self
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __exit__(self, *exc_info):
+        self.close()
 
 
 class _Spill:
