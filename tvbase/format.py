@@ -28,11 +28,12 @@ from .codec.factors import matrix_shape
 from .codec.payload import PAYLOAD_CHUNK, packing_order, raw_bytes, zarr_compressors
 from .errors import FormatVersionError, IntegrityError, TvbaseError
 
-FORMAT_VERSION = 1
+# 2: tasks may keep rows of a matrix whole (roles "rows", "row_ids"); version 1 stores read as before
+FORMAT_VERSION = 2
 INDEX_COLUMNS = ("owner_kind", "owner_id", "tensor", "role", "rows", "cols", "bits", "offset", "nbytes")
 OWNER_SHARED, OWNER_TASK = 0, 1
 # role column value = position in this tuple; append only, never reorder (on-disk format)
-ROLES = ("U", "V", "core", "A", "B", "dense", "S", "mu")
+ROLES = ("U", "V", "core", "A", "B", "dense", "S", "mu", "rows", "row_ids")
 INDEX_CHUNK = 16384  # rows
 VALID_BITS = (32, 16, 8, 4, 2)
 # what verify requires of every task record
@@ -157,6 +158,7 @@ def write_fit(root, meta, result, shapes, params, sources, append, previous=None
     append : bool, False to rewrite the payload from scratch (compact).
     previous : dict task -> old task record, whose ``added`` time is kept.
     """
+    meta["format_version"] = FORMAT_VERSION  # a write may add parts only this version reads
     tensor_id = {name: i for i, name in enumerate(meta["tensors"])}
     payload, index_array = root["payload"], root["index"]
     offset = int(payload.shape[0]) if append else 0
@@ -262,7 +264,9 @@ def factor_shape_problems(shape, role, rows, cols):
         return [] if rows == numel else [f"seed basis S has {rows} rows, expected {numel}"]
     if mshape is None:
         return [f"factor {role} stored for a tensor that is stored densely"]
-    expected_rows = {"U": mshape[0], "A": mshape[0], "V": mshape[1], "B": mshape[1]}.get(role)
+    if role == "row_ids" and rows != 1:
+        return [f"row_ids has shape {(rows, cols)}, expected (1, s)"]
+    expected_rows = {"U": mshape[0], "A": mshape[0], "V": mshape[1], "B": mshape[1], "rows": mshape[1]}.get(role)
     if expected_rows is not None and rows != expected_rows:
         return [f"factor {role} has {rows} rows, expected {expected_rows}"]
     return []

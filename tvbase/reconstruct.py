@@ -8,6 +8,7 @@ import torch
 
 from .codec import matrix_shape
 from .codec.quantize import dequantize
+from .errors import IntegrityError
 
 
 @torch.no_grad()
@@ -55,6 +56,12 @@ def rebuild_tensor(shape, terms, device="cpu"):
         A = torch.cat([alpha * dequantize(tt.A, device=device) for alpha, tt in lowrank], dim=1)  # (m, sum q)
         B = torch.cat([dequantize(tt.B, device=device) for _, tt in lowrank], dim=1)  # (n, sum q)
         out.addmm_(A, B.T)
+    for alpha, _, tt in terms:
+        if tt.rows is not None:  # rows kept whole: (n, s) columns added to rows row_ids
+            ids = dequantize(tt.row_ids, device=device)[0].long()  # (s,)
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= m):
+                raise IntegrityError(f"stored row numbers fall outside the matrix's {m} rows; run `tvbase verify`")
+            out.index_add_(0, ids, dequantize(tt.rows, device=device).T, alpha=alpha)
     return out.reshape(shape)
 
 

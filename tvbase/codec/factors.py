@@ -7,8 +7,11 @@ shape (m, n) is rebuilt as::
 
 ``U`` (m, r_u) and ``V`` (n, r_v) are shared by every task of one cluster (Tucker-2); ``core``
 (r_u, r_v) belongs to the task; ``A`` (m, q), ``B`` (n, q) are a per-task low-rank term (the
-residual of the shared fit, or the whole task for tasks stored as per-task SVD). Tensors that
-are not matrices (biases, norms, 1 x n rows) are stored densely as a (numel, 1) column.
+residual of the shared fit, or the whole task for tasks stored as per-task SVD). A vocabulary
+matrix may also keep a few rows whole: ``rows`` (n, s) holds them as columns (so each row gets
+its own quantization scale) and ``row_ids`` (1, s) their row numbers, exact integers in float32:
+``tau[row_ids[j]] += rows[:, j]``. Tensors that are not matrices (biases, norms, 1 x n rows) are
+stored densely as a (numel, 1) column.
 
 The seed-basis methods of Task Vector Bases (PCA, Gram autoencoder, cluster merge) store instead,
 for every tensor, a basis ``S`` (numel, M) and optionally a mean ``mu`` (numel, 1) shared by all
@@ -65,15 +68,19 @@ class TaskTensor:
     core: QuantizedMatrix | None = None  # (r_u, r_v), needs the cluster's SharedBasis
     A: QuantizedMatrix | None = None  # (m, q)
     B: QuantizedMatrix | None = None  # (n, q)
+    rows: QuantizedMatrix | None = None  # (n, s): s rows of the matrix kept whole, as columns
+    row_ids: QuantizedMatrix | None = None  # (1, s) float32: their row numbers
     dense: QuantizedMatrix | None = None  # (numel, 1)
     coef: tuple | None = None  # (M,) seed-basis coefficients; kept in metadata, not the payload
 
+    _ROLES = ("core", "A", "B", "rows", "row_ids", "dense")
+
     @property
     def nbytes(self):
-        return sum(p.nbytes for p in (self.core, self.A, self.B, self.dense) if p is not None)
+        return sum(p.nbytes for _, p in self.parts())
 
     def parts(self):
         """(role, matrix) pairs of the parts present, in a fixed order."""
-        return [(role, p) for role, p in zip(("core", "A", "B", "dense"), (self.core, self.A, self.B, self.dense)) if p is not None]
+        return [(role, getattr(self, role)) for role in self._ROLES if getattr(self, role) is not None]
 
 
