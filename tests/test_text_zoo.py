@@ -179,8 +179,14 @@ def test_zoo_is_cached(tiny_zoo, tiny_model):
 
 def test_bench_quick_path_on_the_text_zoo(tmp_path, tiny_model):
     """`--archs minilm --quick`: every method runs on the text zoo, tvbase at the quick budgets."""
+    results_md = tmp_path / "RESULTS.md"
+    digits = f"{memory_accuracy.MARK_START}\n## Memory versus accuracy\n\ndigits numbers\n{memory_accuracy.MARK_END}"
+    results_md.write_text(f"# Results\n\n{digits}\n")
     results = memory_accuracy.run(archs=("minilm",), cache=tmp_path / "cache", out=tmp_path / "out", quick=True,
-                                  text_model=tiny_model, progress=False)
+                                  text_model=tiny_model, progress=False, results_md=results_md)
+    text = results_md.read_text()
+    assert digits in text  # the digits zoos' section is left as it was
+    assert text.count("<!-- memory-accuracy-minilm:start -->") == 1 and "### minilm:" in text
     result = results["archs"]["minilm"]
     comp = result["composition"]
     assert comp["addition_group"] == list(ADDITION_GROUP) and comp["negation_target"] == NEGATION_TARGET
