@@ -1,7 +1,8 @@
 """tvbase's benchmark harness, installed with the package so that ``tvbase bench`` can run it.
 
 - :mod:`tvbase.bench.memory_accuracy` — storage against accuracy (and composition) of tvbase and
-  published task-vector compressors on the digits zoo; ``tvbase bench memory-accuracy`` (or,
+  published task-vector compressors on the digits zoos and a pretrained text transformer zoo;
+  ``tvbase bench memory-accuracy`` (or,
   from a checkout, ``python -m benchmarks.memory_accuracy``).
 - :mod:`tvbase.bench.baselines` — the compressors tvbase is compared with.
 - :mod:`tvbase.bench.report` — the one writer of ``RESULTS.md`` sections, shared with the
@@ -12,5 +13,6 @@ reads the descriptions below without loading a harness.
 """
 
 DESCRIPTIONS = {
-    "memory-accuracy": "Storage against accuracy of tvbase and published task-vector compressors on the digits zoo.",
+    "memory-accuracy": "Storage against accuracy of tvbase and published task-vector compressors on the digits zoos "
+    "and a pretrained MiniLM text zoo.",
 }

