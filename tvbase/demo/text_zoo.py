@@ -64,6 +64,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import FormatVersionError, InvalidInputError, NotFoundError
 from ..io.save import write_atomic
+from .zoo import _cached_info, _resolve_tasks, _state_dict, _task_seed
 
 __all__ = [
     "ADDITION_GROUP",
@@ -425,14 +426,6 @@ def _truncate(tau: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Ten
     return out
 
 
-def _task_seed(seed: int, task: str) -> int:
-    return zlib.crc32(f"{seed}:{task}".encode())
-
-
-def _state_dict(body: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t.detach().to(torch.float32).contiguous().clone() for name, t in body.state_dict().items()}
-
-
 def _file_metadata(seed: int, role: str, task: str | None = None) -> dict[str, str]:
     # one key of sorted JSON: identical checkpoints stay identical byte for byte
     fields = {"arch": ARCH, "seed": seed, "role": role, "task": task, "zoo_version": TEXT_ZOO_FORMAT_VERSION}
@@ -589,36 +582,6 @@ def _cached_data(model_dir: str, task: str, split: str, n: int, seed: int) -> tu
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 
-def _resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
-    if tasks is None:
-        return list(TASKS)
-    if isinstance(tasks, str):
-        raise InvalidInputError(f"tasks must be a list of task names, not the string {tasks!r}")
-    names = list(tasks)
-    if not names:
-        raise InvalidInputError("tasks is empty; give at least one task name, or None for all of them")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InvalidInputError(f"tasks lists {duplicates} more than once; give each task once")
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise InvalidInputError(f"unknown text zoo tasks {unknown}; valid tasks: {', '.join(TASKS)}")
-    return names
-
-
-def _cached_info(root: Path, key: dict) -> dict | None:
-    """zoo.json of a complete zoo at ``root`` built with exactly ``key``, else None."""
-    try:
-        info = json.loads((root / "zoo.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if any(info.get(k) != v for k, v in key.items()):
-        return None
-    files = [root / "base.safetensors", root / "heads.safetensors"]
-    files += [root / "tasks" / f"{n}.safetensors" for n in info["tasks"]]
-    return info if all(f.is_file() for f in files) else None
-
-
 def build_text_zoo(
     root: str | os.PathLike,
     tasks: Sequence[str] | None = None,
@@ -666,7 +629,7 @@ def build_text_zoo(
     TextZoo
     """
     root = Path(root)
-    names = _resolve_tasks(tasks)
+    names = _resolve_tasks(tasks, TASKS, "text zoo")
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seed", seed)):
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
             raise InvalidInputError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, got {value!r}")
@@ -682,7 +645,7 @@ def build_text_zoo(
              "sha256": _file_sha256(model_dir / "model.safetensors")}
     key = {"version": TEXT_ZOO_FORMAT_VERSION, "arch": ARCH, "seed": seed, "tasks": names, "config": config,
            "model_sha256": model["sha256"]}
-    cached = _cached_info(root, key)
+    cached = _cached_info(root, key, extra_files=("heads.safetensors",))
     if cached is not None:
         if progress:
             print(f"[zoo] using cached {ARCH} zoo at {root} ({len(names)} tasks)", file=sys.stderr, flush=True)

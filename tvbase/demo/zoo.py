@@ -577,9 +577,11 @@ class Zoo:
         return self._model
 
 
-def _resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
+def _resolve_tasks(tasks: Sequence[str] | None, known: Sequence[str] | None = None, what: str = "zoo") -> list[str]:
+    """``tasks`` checked against the catalogue ``known`` (default: this zoo's), or all of them."""
+    known = TASKS if known is None else known
     if tasks is None:
-        return list(TASKS)
+        return list(known)
     if isinstance(tasks, str):
         raise InvalidInputError(f"tasks must be a list of task names, not the string {tasks!r}")
     names = list(tasks)
@@ -588,21 +590,23 @@ def _resolve_tasks(tasks: Sequence[str] | None) -> list[str]:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InvalidInputError(f"tasks lists {duplicates} more than once; give each task once")
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise InvalidInputError(f"unknown zoo tasks {unknown}; valid tasks: {', '.join(TASKS)}")
+        raise InvalidInputError(f"unknown {what} tasks {unknown}; valid tasks: {', '.join(known)}")
     return names
 
 
-def _cached_info(root: Path, key: dict) -> dict | None:
-    """zoo.json of a complete zoo at ``root`` built with exactly ``key``, else None."""
+def _cached_info(root: Path, key: dict, extra_files: Sequence[str] = ()) -> dict | None:
+    """zoo.json of a complete zoo at ``root`` built with exactly ``key``, else None; complete:
+    the base, every task's checkpoint and ``extra_files`` (names in ``root``) are there."""
     try:
         info = json.loads((root / "zoo.json").read_text())
     except (OSError, ValueError):
         return None
     if any(info.get(k) != v for k, v in key.items()):
         return None
-    files = [root / "base.safetensors"] + [root / "tasks" / f"{n}.safetensors" for n in info["tasks"]]
+    files = [root / "base.safetensors", *(root / f for f in extra_files)]
+    files += [root / "tasks" / f"{n}.safetensors" for n in info["tasks"]]
     return info if all(f.is_file() for f in files) else None
 
 
