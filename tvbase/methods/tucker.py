@@ -16,7 +16,6 @@ import math
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -184,13 +183,6 @@ class _Fit:
         """Reads of each (task, matrix): the scan, the shared bases' projection (shared fit
         only), the residual's. Dense tensors are read once, by the scan."""
         self._start_progress(shared)
-        with ExitStack() as self._exits:  # background readers are stopped however the fit ends
-            return self._run(shared)
-
-    def _enter(self, context):
-        return self._exits.enter_context(context)
-
-    def _run(self, shared):
         labels = self._scan(shared)
         self.result.labels = labels
         if self.p.rank is not None:
@@ -270,26 +262,25 @@ class _Fit:
         sketcher = TaskSketcher(dim=self.p.sketch_dim, seed=self.p.seed) if cluster else None
         sketches, probes = [], []
         bar = self._stage(1, "scan")
-        read = self._enter(_Prefetch(self._read, [(t, name) for t in self.tasks for name in self.shapes]))
-        for j, t in enumerate(self.tasks):
-            sketch = 0
-            for i, name in enumerate(self.shapes):
-                x = read(t, name)
-                self.layer_energy[t, name] = float(x.square().sum())
-                if name in self.dense:
-                    q = self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
-                    self.error[t, name] = float((dequantize(q, device=self.device)[:, 0] - x).square().sum())
-                else:
-                    if j == 0:
-                        probes += self._probe(x)
-                    if shared:
-                        self._sketch_range(i, j, t, name, x)
+        with _Prefetch(self._read, [(t, name) for t in self.tasks for name in self.shapes]) as read:
+            for j, t in enumerate(self.tasks):
+                sketch = 0
+                for i, name in enumerate(self.shapes):
+                    x = read(t, name)
+                    self.layer_energy[t, name] = float(x.square().sum())
+                    if name in self.dense:
+                        q = self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
+                        self.error[t, name] = float((dequantize(q, device=self.device)[:, 0] - x).square().sum())
+                    else:
+                        if j == 0:
+                            probes += self._probe(x)
+                        if shared:
+                            self._sketch_range(i, j, t, name, x)
+                    if cluster:
+                        sketch = sketch + sketcher.sketch_tensor(i, x.cpu())
+                    bar.update(self._numel[name])
                 if cluster:
-                    sketch = sketch + sketcher.sketch_tensor(i, x.cpu())
-                bar.update(self._numel[name])
-            if cluster:
-                sketches.append(sketch.numpy())
-        read.close()
+                    sketches.append(sketch.numpy())
         raw = sum(len(p) for p in probes)
         self._probe_ratio = min(1.0, compressed_nbytes(probes) / raw) if raw else 1.0
         self.task_energy = {t: sum(self.layer_energy[t, n] for n in self.shapes) for t in self.tasks}
@@ -393,49 +384,48 @@ class _Fit:
         items = []  # (cluster, name, qU, qV, group, ru, rv, cost, gain)
         bar = self._stage(2, "shared bases")
         groups = sorted(members.items())
-        read = self._enter(_Prefetch(self._read, [(t, name) for name in self.matrices for _, group in groups for t in group]))
-        for name, (m, n) in self.matrices.items():
-            for c, group in groups:
-                k = len(group)
-                ru_max = min(m, k * n, self.p.max_rank)
-                rv_max = min(n, k * m, self.p.max_rank)
-                Q_U, Q_V = self._summed_range("Y", group, name), self._summed_range("Z", group, name)
-                gram_u = gram_v = 0
-                projected = {}
-                for t in group:
-                    x = read(t, name)
-                    left = x if Q_U is None else Q_U.T @ x  # (l_u, n)
-                    right = x if Q_V is None else x @ Q_V  # (m, l_v)
-                    gram_u = gram_u + left.double() @ left.double().T  # (l_u, l_u)
-                    gram_v = gram_v + right.double().T @ right.double()  # (l_v, l_v)
-                    projected[t] = left if Q_V is None else left @ Q_V  # K_t (l_u, l_v)
-                    bar.update(m * n)
-                U = _top_eigvecs(gram_u, ru_max).float()  # (l_u, ru_max)
-                V = _top_eigvecs(gram_v, rv_max).float()  # (l_v, rv_max)
-                del gram_u, gram_v
-                qU = quantize((U if Q_U is None else Q_U @ U).cpu(), bits)  # (m, ru_max)
-                qV = quantize((V if Q_V is None else Q_V @ V).cpu(), bits)  # (n, rv_max)
-                # cores of the stored (quantized) bases: U_q^T X_t V_q = (U_q^T Q_U) K_t (Q_V^T V_q)
-                Uq, Vq = dequantize(qU, device=self.device), dequantize(qV, device=self.device)
-                to_u = Uq.T if Q_U is None else Uq.T @ Q_U  # (ru_max, l_u)
-                to_v = Vq if Q_V is None else Q_V.T @ Vq  # (l_v, rv_max)
-                r_max = max(ru_max, rv_max)
-                ru = np.minimum(np.arange(r_max + 1), ru_max)
-                rv = np.minimum(np.arange(r_max + 1), rv_max)
-                cost = np.array(
-                    [payload_nbytes(m, a, bits) + payload_nbytes(n, b, bits) + k * payload_nbytes(a, b, bits) for a, b in zip(ru, rv)],
-                    dtype=np.float64,
-                )
-                gain = np.zeros(r_max + 1)
-                for t, K in projected.items():
-                    C = to_u @ K @ to_v  # (ru_max, rv_max)
-                    self._spill.put_tensor(("core", t, name), C)
-                    # energy of the leading (ru(r), rv(r)) block of the core, for every r
-                    block = torch.cumsum(torch.cumsum(C.square().double(), 0), 1).cpu().numpy()
-                    gain[1:] += np.array([block[a - 1, b - 1] for a, b in zip(ru[1:], rv[1:])]) * self._weight(t, name)
-                del projected
-                items.append((c, name, qU, qV, group, ru, rv, cost, gain))
-        read.close()
+        with _Prefetch(self._read, [(t, name) for name in self.matrices for _, group in groups for t in group]) as read:
+            for name, (m, n) in self.matrices.items():
+                for c, group in groups:
+                    k = len(group)
+                    ru_max = min(m, k * n, self.p.max_rank)
+                    rv_max = min(n, k * m, self.p.max_rank)
+                    Q_U, Q_V = self._summed_range("Y", group, name), self._summed_range("Z", group, name)
+                    gram_u = gram_v = 0
+                    projected = {}
+                    for t in group:
+                        x = read(t, name)
+                        left = x if Q_U is None else Q_U.T @ x  # (l_u, n)
+                        right = x if Q_V is None else x @ Q_V  # (m, l_v)
+                        gram_u = gram_u + left.double() @ left.double().T  # (l_u, l_u)
+                        gram_v = gram_v + right.double().T @ right.double()  # (l_v, l_v)
+                        projected[t] = left if Q_V is None else left @ Q_V  # K_t (l_u, l_v)
+                        bar.update(m * n)
+                    U = _top_eigvecs(gram_u, ru_max).float()  # (l_u, ru_max)
+                    V = _top_eigvecs(gram_v, rv_max).float()  # (l_v, rv_max)
+                    del gram_u, gram_v
+                    qU = quantize((U if Q_U is None else Q_U @ U).cpu(), bits)  # (m, ru_max)
+                    qV = quantize((V if Q_V is None else Q_V @ V).cpu(), bits)  # (n, rv_max)
+                    # cores of the stored (quantized) bases: U_q^T X_t V_q = (U_q^T Q_U) K_t (Q_V^T V_q)
+                    Uq, Vq = dequantize(qU, device=self.device), dequantize(qV, device=self.device)
+                    to_u = Uq.T if Q_U is None else Uq.T @ Q_U  # (ru_max, l_u)
+                    to_v = Vq if Q_V is None else Q_V.T @ Vq  # (l_v, rv_max)
+                    r_max = max(ru_max, rv_max)
+                    ru = np.minimum(np.arange(r_max + 1), ru_max)
+                    rv = np.minimum(np.arange(r_max + 1), rv_max)
+                    cost = np.array(
+                        [payload_nbytes(m, a, bits) + payload_nbytes(n, b, bits) + k * payload_nbytes(a, b, bits) for a, b in zip(ru, rv)],
+                        dtype=np.float64,
+                    )
+                    gain = np.zeros(r_max + 1)
+                    for t, K in projected.items():
+                        C = to_u @ K @ to_v  # (ru_max, rv_max)
+                        self._spill.put_tensor(("core", t, name), C)
+                        # energy of the leading (ru(r), rv(r)) block of the core, for every r
+                        block = torch.cumsum(torch.cumsum(C.square().double(), 0), 1).cpu().numpy()
+                        gain[1:] += np.array([block[a - 1, b - 1] for a, b in zip(ru[1:], rv[1:])]) * self._weight(t, name)
+                    del projected
+                    items.append((c, name, qU, qV, group, ru, rv, cost, gain))
         return items
 
     def _shared_part(self, task, name):
@@ -470,17 +460,16 @@ class _Fit:
         self._lowrank_keys = [(t, name) for t in self.tasks for name in self.matrices]
         self._candidates, self._lowrank_curves, self._lowrank_errors = [], [], []
         bar = self._stage(self._stages, "residuals" if shared else "per-task SVD")
-        read = self._enter(_Prefetch(self._read, self._lowrank_keys))
-        for t, name in self._lowrank_keys:
-            m, n = self.matrices[name]
-            e = self._residual(read, t, name)  # (m, n)
-            ids = _outlying_rows(e) if rows else None
-            if ids is not None:
-                self._row_candidate(t, name, e, ids)
-                e[ids] = 0
-            self._svd_candidate(t, name, e, min(m, n, q_cap))
-            bar.update(m * n)
-        read.close()
+        with _Prefetch(self._read, self._lowrank_keys) as read:
+            for t, name in self._lowrank_keys:
+                m, n = self.matrices[name]
+                e = self._residual(read, t, name)  # (m, n)
+                ids = _outlying_rows(e) if rows else None
+                if ids is not None:
+                    self._row_candidate(t, name, e, ids)
+                    e[ids] = 0
+                self._svd_candidate(t, name, e, min(m, n, q_cap))
+                bar.update(m * n)
 
     def _add_candidate(self, key, cost, gain, error, *factors):
         self._candidates.append(key)
@@ -509,9 +498,10 @@ class _Fit:
     def _row_candidate(self, t, name, e, ids):
         """Rows ``ids`` (largest first) of the residual kept whole: (n, s) columns, (1, s) ids."""
         n, bits = e.shape[1], self.p.bits
-        q_rows = quantize(e[ids].T.contiguous().cpu(), bits)  # (n, s): a scale per row
-        energy = e[ids].double().square().sum(1).cpu().numpy()  # (s,)
-        quantization = (dequantize(q_rows, device=self.device).T - e[ids]).double().square().sum(1).cpu().numpy()
+        picked = e[ids]  # (s, n)
+        q_rows = quantize(picked.T.contiguous().cpu(), bits)  # (n, s): a scale per row
+        energy = picked.double().square().sum(1).cpu().numpy()  # (s,)
+        quantization = (dequantize(q_rows, device=self.device).T - picked).double().square().sum(1).cpu().numpy()
         # k rows kept: their quantization error plus the energy of the rows left out
         error = np.concatenate([[0.0], np.cumsum(quantization)]) + energy.sum() - np.concatenate([[0.0], np.cumsum(energy)])
         gain = cumulative(energy) * self._weight(t, name)
@@ -567,11 +557,8 @@ class _Prefetch:
     def __enter__(self):
         return self
 
-    def close(self):
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
     def __exit__(self, *exc_info):
-        self.close()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Spill:
