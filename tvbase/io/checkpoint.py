@@ -232,16 +232,9 @@ class Checkpoint:
         """
         if self._fingerprint is None:
             digest = hashlib.sha256(_FINGERPRINT_VERSION)
-            files = {}
-            try:
-                for name, entry in self._entries.items():
-                    digest.update(json.dumps([name, entry.dtype, list(entry.shape)]).encode())
-                    if entry.file not in files:
-                        files[entry.file] = open(entry.file, "rb")
-                    _hash_range(digest, files[entry.file], entry)
-            finally:
-                for file in files.values():
-                    file.close()
+            for name, entry in self._entries.items():
+                digest.update(json.dumps([name, entry.dtype, list(entry.shape)]).encode())
+                _hash_range(digest, self._handle(entry.file), entry)
             self._fingerprint = {
                 "tensors": {
                     name: {"shape": list(entry.shape), "dtype": entry.dtype}
