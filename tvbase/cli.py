@@ -93,6 +93,8 @@ def _fit_params(args, store=None):
         base.bits = parse_bits(args.bits)
     if getattr(args, "dense_bits", None) is not None:
         base.dense_bits = parse_bits(args.dense_bits)
+    if getattr(args, "lora_bits", None) is not None:
+        base.lora_bits = parse_bits(args.lora_bits)
     if getattr(args, "clusters", None) is not None:
         base.n_clusters = "auto" if args.clusters == "auto" else _positive_int(args.clusters, "--clusters")
     if getattr(args, "max_rank", None) is not None:
@@ -303,6 +305,7 @@ def _add_fit_options(p):
     g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.4)")
     g.add_argument("--bits", help="factor precision: int4 (default), int8, int2, fp16, fp32")
     g.add_argument("--dense-bits", help="precision of biases and norms: int4 (default), int8, fp16, fp32")
+    g.add_argument("--lora-bits", help="precision of LoRA adapters' factors, stored as they are: int8 (default), fp16, fp32, int4")
     g.add_argument("--clusters", help="number of task clusters, or auto (eigengap; default)")
     g.add_argument("--max-rank", type=int, help="largest rank considered per matrix (default 256)")
 

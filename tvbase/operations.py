@@ -11,8 +11,11 @@ from pathlib import Path
 from .devices import resolve_device
 from .errors import AlreadyExistsError, InvalidInputError, TvbaseError
 from .format import drop_tasks, write_fit
-from .io.sources import StoredTask, TaskVectors, open_task
+from .io.sources import LoraAdapter, StoredTask, TaskVectors, open_task
 from .methods import FitParams, get_method
+from .methods.lora import KIND as LORA_KIND
+from .methods.lora import fit_lora
+from .methods.result import FitResult
 from .names import validate_task_name
 
 COMPACT_METHOD = "tvbase"  # compact refits every task, whatever stored it, with the store's own method
@@ -46,7 +49,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         if name in store.meta["tasks"]:
             raise AlreadyExistsError(f"task {name!r} already exists in {store.path}; remove it first or choose another name")
     requested = get_method(method)
-    first = not store.meta["tasks"]
+    first = not _fitted_tasks(store.meta)
     # a method with a growth method (tvbase) fits an empty store and grows it another way until
     # `compact`: the fit depends on whether the store is empty, so a change of that is a conflict
     grows = requested.growth is not None
@@ -64,7 +67,12 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
     try:
         for name, path in items.items():
             sources[name] = open_task(path, base_checkpoint, store.meta["base"]["tensors"], f"task {name!r} ({path})")
-        result = estimator.fit(TaskVectors(sources), list(items), store.shapes).result_
+        # LoRA adapters are stored from their own factors; the method fits the full fine-tunes
+        adapters = {name: s for name, s in sources.items() if isinstance(s, LoraAdapter)}
+        full = [name for name in items if name not in adapters]
+        result = estimator.fit(TaskVectors({n: sources[n] for n in full}), full, store.shapes).result_ if full else FitResult()
+        result.add(fit_lora(adapters, store.shapes, params))
+        result.tasks = {name: result.tasks[name] for name in items}  # recorded in the order given
         recorded = {name: {"path": str(Path(p).resolve()), "hash": sources[name].hash} for name, p in items.items()}
     finally:
         for source in sources.values():
@@ -72,12 +80,17 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         base_checkpoint.close()
     with store._write(f"ingest {', '.join(items)}", {"op": "ingest", "tasks": list(items)}, wait) as (root, meta):
         taken = sorted(set(items) & set(meta["tasks"]))
-        if taken or (grows and (not meta["tasks"]) != first):
+        if taken or (grows and (not _fitted_tasks(meta)) != first):
             raise AlreadyExistsError(f"another writer changed the store during this ingest ({', '.join(taken) or 'new tasks'}); run it again")
         write_fit(root, meta, result, store.shapes, params, recorded, append=True)
-        if grows and first:  # the first fit of the store's own method sets its defaults
+        if grows and first and full:  # the first fit of the store's own method sets its defaults
             meta["params"] = params.to_dict()
     return store.version
+
+
+def _fitted_tasks(meta):
+    """The tasks a method fitted (LoRA adapters are stored as they are, so they do not count)."""
+    return [t for t, tm in meta["tasks"].items() if tm["kind"] != LORA_KIND]
 
 
 def rm(store, names, wait=0.0):
@@ -111,24 +124,39 @@ def compact(store, params=None, device=None, progress=True, wait=0.0, max_memory
         tasks = commit_metadata["tasks"] = store.tasks  # the head's, now that no other writer can change it
         if not tasks:
             raise InvalidInputError(f"store {store.path} has no tasks to compact")
-        base, originals = _originals(store, tasks)
-        sources = {t: originals.get(t) or StoredTask(store._snapshot, t, device) for t in tasks}
+        # LoRA adapters stay as they are stored (their own factors); the rest is refitted
+        refit = [t for t in tasks if store.meta["tasks"][t]["kind"] != LORA_KIND]
+        base, originals = _originals(store, refit) if refit else (None, {})
+        sources = {t: originals.get(t) or StoredTask(store._snapshot, t, device) for t in refit}
         try:
             with TaskVectors(sources) as task_vectors:
-                result = estimator.fit(task_vectors, tasks, store.shapes).result_
+                result = estimator.fit(task_vectors, refit, store.shapes).result_ if refit else FitResult()
         finally:
             if base is not None:
                 base.close()
         old = {t: dict(store.meta["tasks"][t]) for t in tasks}
-        for t in tasks:
+        for t in refit:
             if t not in originals:  # a refit of a rebuild: the old error adds to the refit's
                 result.rel_error[t] += old[t]["rel_error"]
+        result.add(_as_stored(store._snapshot, [t for t in tasks if t not in refit]))
+        result.tasks = {t: result.tasks[t] for t in tasks}
         meta["tasks"], meta["clusters"] = {}, {}
         write_fit(root, meta, result, store.shapes, params, {t: old[t]["source"] for t in tasks}, append=False, previous=old)
-        for t in tasks:
+        for t in refit:
             meta["tasks"][t]["refit_from"] = "original" if t in originals else "stored"
         meta["params"] = params.to_dict()
     return store.version
+
+
+def _as_stored(snapshot, tasks):
+    """A FitResult holding ``tasks`` exactly as ``snapshot`` stores them, each on its own."""
+    result = FitResult()
+    for t in tasks:
+        tm = snapshot.meta["tasks"][t]
+        result.tasks[t] = {name: snapshot._task_tensor(t, name) for name in snapshot.meta["tensors"]}
+        result.labels[t], result.kind[t] = None, tm["kind"]
+        result.rel_error[t], result.energy[t] = tm["rel_error"], tm["energy"]
+    return result
 
 
 def _originals(store, tasks):

@@ -6,8 +6,10 @@ hash that the store records. The methods' fits read several tasks at once throug
 :class:`TaskVectors` (``tensor(task, name)``), so they never know what format a task came in.
 
 Formats are tried in the order of :data:`INPUT_FORMATS`; the first whose ``accepts(path)`` is
-true opens the path. Full checkpoints (one ``.safetensors`` file or a sharded directory) accept
-everything else, so they come last; a new format (PEFT LoRA adapters, say) goes before them.
+true opens the path: PEFT LoRA adapters (a directory with ``adapter_config.json``, see
+:mod:`tvbase.io.lora`), then full checkpoints (one ``.safetensors`` file or a sharded directory),
+which accept everything else, so they come last. A LoRA adapter also hands the fit its factors
+(``factors(name)``), so that it is stored without being densified.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint, check_compatible, task_vector
+from .lora import LoraAdapter
 
-__all__ = ["INPUT_FORMATS", "FullCheckpoint", "StoredTask", "TaskVectorSource", "TaskVectors", "open_task"]
+__all__ = ["INPUT_FORMATS", "FullCheckpoint", "LoraAdapter", "StoredTask", "TaskVectorSource", "TaskVectors", "open_task"]
 
 
 class TaskVectorSource(ABC):
@@ -121,7 +124,8 @@ class StoredTask(TaskVectorSource):
         return None
 
 
-INPUT_FORMATS = [FullCheckpoint]
+TaskVectorSource.register(LoraAdapter)  # a source too (lora.py cannot import this module: it is imported here)
+INPUT_FORMATS = [LoraAdapter, FullCheckpoint]
 
 
 def open_task(path: str | os.PathLike, base: Checkpoint, reference: dict, label: str) -> TaskVectorSource:

@@ -26,6 +26,9 @@ class FitParams:
         Bits per stored factor entry (32, 16, 8, 4 or 2; integer codes with per-column scales).
     dense_bits : int
         Bits per entry of densely stored tensors (biases, norms).
+    lora_bits : int
+        Bits per entry of the factors of LoRA adapters, stored as they are (no fit), and of the
+        weights an adapter saves whole.
     max_rank : int
         Largest rank considered per matrix; bounds the work of the fit.
     n_clusters : int or "auto"
@@ -46,6 +49,7 @@ class FitParams:
     residual_share: float = 0.4
     bits: int = 4  # int4 factors: twice the rank of int8 at equal bytes; measured better (benchmarks/RESULTS.md)
     dense_bits: int = 4  # biases and norms: int4 frees budget for rank; measured no worse (benchmarks/RESULTS.md)
+    lora_bits: int = 8  # int4 costs a LoRA's factors 18-22% relative error, int8 ~1% (benchmarks/RESULTS.md)
     max_rank: int = 256
     n_clusters: int | str = "auto"
     seed: int = 0
@@ -65,7 +69,7 @@ class FitParams:
             raise InvalidInputError(f"rank must be a positive integer, got {self.rank!r}")
         if not (0 <= self.residual_share < 1):
             raise InvalidInputError(f"residual share must be in [0, 1), got {self.residual_share!r}")
-        for name in ("bits", "dense_bits"):
+        for name in ("bits", "dense_bits", "lora_bits"):
             if getattr(self, name) not in (32, 16, 8, 4, 2):
                 raise InvalidInputError(f"{name} must be one of 32, 16, 8, 4, 2, got {getattr(self, name)!r}")
         if not isinstance(self.max_rank, int) or self.max_rank < 1:

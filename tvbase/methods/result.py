@@ -33,6 +33,15 @@ class FitResult:
     energy: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
+    def add(self, other):
+        """Take in the tasks of ``other``, a fit of other tasks that stores each on its own
+        (no clusters: LoRA adapters, tasks kept as stored)."""
+        if other.clusters or any(label is not None for label in other.labels.values()):
+            raise ValueError("only a fit without clusters can be added to another")
+        for part in ("tasks", "labels", "kind", "rel_error", "energy"):
+            getattr(self, part).update(getattr(other, part))
+        return self
+
 
 def measure_errors(source, tasks, shapes, result, device, progress):
     """Fill ``result.rel_error`` and ``result.energy``: one more pass over the task vectors."""
