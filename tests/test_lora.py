@@ -196,3 +196,68 @@ def test_cli_ingests_an_adapter_directory(bert, tmp_path, capsys):
     store = Store.open(tmp_path / "s")
     assert store.meta["tasks"]["plain"]["params"]["lora_bits"] == 16
     assert _rel_error(store, "plain", bert["updates"]["plain"]) < 1e-3
+
+
+# -- export-lora ---------------------------------------------------------------------------
+def _merged_update(bert, adapter):
+    """What peft's merge of ``adapter`` onto the base changes: {name: merged - base}."""
+    model = transformers.BertForSequenceClassification.from_pretrained(bert["root"] / "base")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    return {k: merged[k] - before[k] for k in before}
+
+
+def _distance(store, coefficients, update):
+    err = total = 0.0
+    for name, delta in store.iter_composition(coefficients):
+        err += float((update[name] - delta).square().sum())
+        total += float(delta.square().sum())
+    return (err / total) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def mixed_store(bert, tmp_path_factory):
+    """A full fine-tune and two adapters in one store, base recorded as its transformers directory."""
+    path = tmp_path_factory.mktemp("mixed") / "s"
+    store = Store.create(path, bert["root"] / "base", params=FitParams(budget=0.5, lora_bits=32))
+    store.ingest({"full": bert["full"], "plain": bert["root"] / "plain", "patterns": bert["root"] / "patterns"}, progress=False)
+    return store
+
+
+def test_export_lora_of_a_lora_task_is_exact_and_loads_in_peft(bert, mixed_store, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert main(["export-lora", str(mixed_store.path), "patterns", "-o", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["exact"] and report["rel_error"] == 0
+    assert _distance(mixed_store, {"patterns": 1.0}, _merged_update(bert, out)) < 1e-5
+
+
+def test_export_lora_of_a_composition_reports_its_truncation_error(bert, mixed_store, tmp_path):
+    from tvbase.export_lora import export_lora
+
+    coefficients = {"full": 0.5, "plain": 1.0, "patterns": -0.7}
+    report = export_lora(mixed_store, coefficients, tmp_path / "low", rank=3)
+    assert not report["exact"] and 0 < report["rel_error"] < 1
+    assert max(report["ranks"].values()) == 3
+    assert "bert.embeddings.LayerNorm" in report["modules_to_save"]  # a full fine-tune moves norms too
+    measured = _distance(mixed_store, coefficients, _merged_update(bert, tmp_path / "low"))
+    assert measured == pytest.approx(report["rel_error"], rel=1e-3)
+    high = export_lora(mixed_store, coefficients, tmp_path / "high", rank=64)
+    assert high["exact"]
+    assert _distance(mixed_store, coefficients, _merged_update(bert, tmp_path / "high")) < 1e-5
+
+
+def test_export_lora_refusals_leave_no_output(bert, mixed_store, tmp_path):
+    from tvbase.export_lora import export_lora
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("keep me")
+    with pytest.raises(InvalidInputError, match="not an empty directory"):
+        export_lora(mixed_store, {"plain": 1.0}, taken)
+    assert [p.name for p in taken.iterdir()] == ["x"]
+    store = Store.create(tmp_path / "s", bert["base"])  # base given as its .safetensors file
+    store.ingest({"plain": bert["root"] / "plain"}, progress=False)
+    with pytest.raises(InvalidInputError, match="config.json"):
+        export_lora(store, {"plain": 1.0}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

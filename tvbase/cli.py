@@ -242,6 +242,21 @@ def cmd_apply(args):
     print(f"wrote base + ({args.expression}) to {args.output} ({len(files)} file(s))")
 
 
+def cmd_export_lora(args):
+    from .arithmetic import parse_expression
+    from .export_lora import export_lora
+    from .store import Store
+
+    store = Store.open(args.store, at=args.at)
+    coefficients = parse_expression(args.expression, known=store.tasks)
+    report = export_lora(store, coefficients, args.output, rank=args.rank, base=args.base, device=args.device,
+                         dtype=_torch_dtype(args.dtype))
+    how = "exact" if report["exact"] else f"truncated to rank {args.rank}, relative error {report['rel_error']:.4f}"
+    text = (f"wrote {args.expression!r} as a LoRA adapter to {args.output}: {how}; "
+            f"{len(report['ranks'])} LoRA layers, {len(report['modules_to_save'])} layers saved whole")
+    _print(args, {k: (list(map(str, v)) if k == "files" else v) for k, v in report.items()}, text)
+
+
 def cmd_rm(args):
     from .store import Store
 
@@ -377,6 +392,16 @@ def build_parser():
     p.add_argument("--base", required=True, help="the base model the store was created for")
     p.add_argument("-o", "--output", required=True, help="output directory (sharded safetensors + index when large) or .safetensors file")
     device(p), reader(p)
+
+    p = command("export-lora", cmd_export_lora, "write a task or composition as a PEFT LoRA adapter directory")
+    p.add_argument("store", help="the store")
+    p.add_argument("expression", help="a task name or a composition such as '0.5*math + 0.3*code'")
+    p.add_argument("-o", "--output", required=True, help="new adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--rank", type=int, default=64, help="largest rank of any layer; a layer whose update has a higher rank "
+                   "is truncated to it and the error is reported (default: %(default)s)")
+    p.add_argument("--base", help="the base model's transformers directory, for its layer types (default: the store's recorded base)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the adapter's tensors (default: %(default)s)")
+    device(p), reader(p), listing(p)
 
     p = command("ls", cmd_ls, "list tasks: cluster, stored bytes, relative error")
     p.add_argument("store")

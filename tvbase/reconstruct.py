@@ -65,6 +65,44 @@ def rebuild_tensor(shape, terms, device="cpu"):
     return out.reshape(shape)
 
 
+@torch.no_grad()
+def factor_tensor(shape, terms, device="cpu"):
+    """``sum_k alpha_k * tau_k`` of one matrix as factors ``L @ R.T``, without forming it.
+
+    Parameters
+    ----------
+    shape, terms, device : as for :func:`rebuild_tensor`.
+
+    Returns
+    -------
+    (L, R) : torch.Tensor of shapes (m, k) and (n, k), float32, on ``device``; ``k`` is the sum
+    of the terms' ranks (a shared term's ``r_v`` per cluster, each low-rank term's ``q``, one per
+    row kept whole), not reduced. None for a tensor that is not a matrix, or whose terms include
+    a seed basis (``S``: dense, no factors).
+    """
+    mshape = matrix_shape(shape)
+    if mshape is None or any(tt.coef is not None for _, _, tt in terms):
+        return None
+    m, n = mshape
+    lefts, rights = [torch.zeros(m, 0, device=device)], [torch.zeros(n, 0, device=device)]
+    for shared, core_sum in _sum_per_basis(terms, "core", device):
+        lefts.append(dequantize(shared.U, device=device) @ core_sum)  # (m, r_v)
+        rights.append(dequantize(shared.V, device=device))  # (n, r_v)
+    for alpha, _, tt in terms:
+        if tt.A is not None:
+            lefts.append(alpha * dequantize(tt.A, device=device))  # (m, q)
+            rights.append(dequantize(tt.B, device=device))  # (n, q)
+        if tt.rows is not None:  # rows kept whole: one-hot columns of their row numbers
+            ids = dequantize(tt.row_ids, device=device)[0].long()  # (s,)
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= m):
+                raise IntegrityError(f"stored row numbers fall outside the matrix's {m} rows; run `tvbase verify`")
+            picks = torch.zeros(m, len(ids), device=device)
+            picks[ids, torch.arange(len(ids), device=device)] = alpha
+            lefts.append(picks)  # (m, s)
+            rights.append(dequantize(tt.rows, device=device))  # (n, s)
+    return torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+
+
 def _sum_per_basis(terms, part, device):
     """[(basis, sum of alpha_t * part_t over the basis's tasks)] for tasks with that part.
 

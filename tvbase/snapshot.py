@@ -58,15 +58,26 @@ class Snapshot:
         Terms are combined in sorted task order, so equal requests give equal bits whatever the
         order of the dict.
         """
-        from .reconstruct import rebuild_tensor  # torch: loaded by the first rebuild, not by ls/info/log
+        from .reconstruct import (
+            rebuild_tensor,  # torch: loaded by the first rebuild, not by ls/info/log
+        )
 
-        shape = self.shapes[name]
+        return rebuild_tensor(self.shapes[name], self._terms(name, coefficients), device=device)
+
+    def factors(self, name, coefficients, device):
+        """The same sum for a matrix as factors ``(L (m, k), R (n, k))`` with ``L @ R.T`` equal to
+        it, or None where there are none (see :func:`tvbase.reconstruct.factor_tensor`)."""
+        from .reconstruct import factor_tensor
+
+        return factor_tensor(self.shapes[name], self._terms(name, coefficients), device=device)
+
+    def _terms(self, name, coefficients):
         terms = []
         for task in sorted(coefficients):
             cluster = self.meta["tasks"][task]["cluster"]
             shared = self._shared(cluster, name) if cluster is not None else None
             terms.append((coefficients[task], shared, self._task_tensor(task, name)))
-        return rebuild_tensor(shape, terms, device=device)
+        return terms
 
     def read_payload(self, start, n):
         """Bytes ``start:start+n`` of the payload, through a small cache of decoded chunks.

@@ -30,11 +30,11 @@ from tvbase.errors import BaseMismatchError, InvalidInputError
 
 from .checkpoint import Checkpoint, task_vector
 
-__all__ = ["ADAPTER_CONFIG", "LoraAdapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "LoraAdapter", "resolve_name"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."  # before every tensor name in a saved adapter
 # options whose update is not exactly scaling * B @ A: refused, named in the message
 _REFUSED_OPTIONS = {
     "use_dora": "DoRA (use_dora) rescales each column of the merged weight",
@@ -138,7 +138,7 @@ class LoraAdapter:
         store's matrix layout, {base name: adapter tensor saved whole})."""
         pairs, whole = {}, {}
         for key in self._weights.names:
-            name = key.removeprefix(_PREFIX)
+            name = key.removeprefix(PEFT_PREFIX)
             for suffix, (factor, embedding) in _FACTOR_SUFFIXES.items():
                 if name.endswith(suffix):
                     module = name[: -len(suffix)]
@@ -166,15 +166,9 @@ class LoraAdapter:
         """The base tensor an adapter tensor belongs to: ``name`` itself, or the one base name
         that equals it up to leading module prefixes (an adapter of ``BertForX`` on a base saved
         as ``BertModel``, or the reverse)."""
-        if name in self._shapes:
-            return name
-        parts = name.split(".")
-        for i in range(1, len(parts)):
-            if ".".join(parts[i:]) in self._shapes:
-                return ".".join(parts[i:])
-        longer = [b for b in self._shapes if b.endswith("." + name)]
-        if len(longer) == 1:
-            return longer[0]
+        found = resolve_name(name, self._shapes)
+        if found is not None:
+            return found
         raise BaseMismatchError(
             f"{self.label}: adapter tensor {key!r} targets {name!r}, which is not a tensor of the store's base "
             f"({len(self._shapes)} tensors); the adapter must be trained on the store's base model"
@@ -249,6 +243,20 @@ class _Renamed:
 
     def get(self, name, dtype=torch.float32):
         return self._checkpoint.get(self._key, dtype=dtype)
+
+
+def resolve_name(name: str, known) -> str | None:
+    """``name`` if it is in ``known``, else the one name of ``known`` equal to it up to leading
+    module prefixes (``bert.encoder.x`` and ``encoder.x``: a model with a task head and the same
+    model without), else None."""
+    if name in known:
+        return name
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[i:]) in known:
+            return ".".join(parts[i:])
+    longer = [k for k in known if k.endswith("." + name)]
+    return longer[0] if len(longer) == 1 else None
 
 
 def _pattern_value(pattern: dict, module: str, default):

@@ -60,7 +60,7 @@ def _lowrank(left, right, bits):
     ``right`` (n, r)."""
     q_l, r_l = torch.linalg.qr(left.double())  # (m, r), (r, r)
     q_r, r_r = torch.linalg.qr(right.double())  # (n, r), (r, r)
-    u, s, vh = torch.linalg.svd(r_l @ r_r.T)  # (r, r)
+    u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)  # (r, r)
     kept = s > s[:1] * 1e-7  # columns with nothing in them are not stored
     u, s, v = u[:, kept], s[kept], vh[kept].T
     a, b = q_l @ (u * s), q_r @ v  # (m, q), (n, q)
