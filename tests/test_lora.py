@@ -256,8 +256,11 @@ def test_export_lora_refusals_leave_no_output(bert, mixed_store, tmp_path):
     with pytest.raises(InvalidInputError, match="not an empty directory"):
         export_lora(mixed_store, {"plain": 1.0}, taken)
     assert [p.name for p in taken.iterdir()] == ["x"]
-    store = Store.create(tmp_path / "s", bert["base"])  # base given as its .safetensors file
+    bare = tmp_path / "bare" / "model.safetensors"  # a base file with no config.json beside it
+    bare.parent.mkdir()
+    shutil.copy(bert["base"], bare)
+    store = Store.create(tmp_path / "s", bare)
     store.ingest({"plain": bert["root"] / "plain"}, progress=False)
-    with pytest.raises(InvalidInputError, match="config.json"):
+    with pytest.raises(InvalidInputError, match="config.json, and .* has none"):
         export_lora(store, {"plain": 1.0}, tmp_path / "out")
     assert not (tmp_path / "out").exists()

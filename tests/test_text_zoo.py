@@ -235,3 +235,20 @@ def test_packaged_minilm_loads():
     # the weights are the pretrained ones, not a fresh initialization
     fresh = text_zoo._make_body(model_dir).state_dict()["embeddings.word_embeddings.weight"]
     assert not torch.equal(fresh, state["embeddings.word_embeddings.weight"])
+
+
+def test_lora_adapters_and_a_full_fine_tune_in_one_store_keep_accuracy(tiny_model, tmp_path):
+    """benchmarks/lora_text.py on the tiny BERT: adapters trained with peft, stored, rebuilt."""
+    from benchmarks import lora_text
+
+    result = lora_text.run(cache=tmp_path, steps=40, lr=1e-2, rank=4, model_dir=tiny_model, zoo_steps=60, zoo_lr=3e-3,
+                           progress=False)
+    tasks = result["tasks"]
+    assert {t: r["kind"] for t, r in tasks.items()} == {lora_text.FULL_TASK: "shared", **{t: "lora" for t in lora_text.LORA_TASKS}}
+    for task in lora_text.LORA_TASKS:
+        r = tasks[task]
+        assert r["own_accuracy"] > r["base_accuracy"] + 0.1  # the adapter learned its task
+        assert abs(r["store_accuracy"] - r["own_accuracy"]) <= 0.02  # int8 factors: about 1% of the update
+        assert r["rel_error"] < 0.03
+    assert result["export"]["exact"] and abs(result["export"]["kept"] - 1) <= 0.02
+    assert [s["tasks"] for s in result["sums"]] == [list(p) for p in lora_text.PAIRS]

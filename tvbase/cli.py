@@ -250,7 +250,7 @@ def cmd_export_lora(args):
     store = Store.open(args.store, at=args.at)
     coefficients = parse_expression(args.expression, known=store.tasks)
     report = export_lora(store, coefficients, args.output, rank=args.rank, base=args.base, device=args.device,
-                         dtype=_torch_dtype(args.dtype))
+                         dtype=_torch_dtype(args.dtype), config=args.config)
     how = "exact" if report["exact"] else f"truncated to rank {args.rank}, relative error {report['rel_error']:.4f}"
     text = (f"wrote {args.expression!r} as a LoRA adapter to {args.output}: {how}; "
             f"{len(report['ranks'])} LoRA layers, {len(report['modules_to_save'])} layers saved whole")
@@ -399,7 +399,8 @@ def build_parser():
     p.add_argument("-o", "--output", required=True, help="new adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--rank", type=int, default=64, help="largest rank of any layer; a layer whose update has a higher rank "
                    "is truncated to it and the error is reported (default: %(default)s)")
-    p.add_argument("--base", help="the base model's transformers directory, for its layer types (default: the store's recorded base)")
+    p.add_argument("--base", help="where the base model is, if it moved since init (default: the store's recorded base)")
+    p.add_argument("--config", help="folder with the model's config.json, for its layer types (default: the base's folder)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the adapter's tensors (default: %(default)s)")
     device(p), reader(p), listing(p)
 

@@ -29,7 +29,7 @@ _LORA_LAYERS = {"Linear": "linear", "Embedding": "embedding", "Conv1D": "conv1d"
 
 
 @torch.no_grad()
-def export_lora(store, coefficients, output, rank=64, base=None, device=None, dtype=torch.float32):
+def export_lora(store, coefficients, output, rank=64, base=None, device=None, dtype=torch.float32, config=None):
     """Write ``sum alpha_t tau_t`` as a PEFT LoRA adapter directory ``output``.
 
     Parameters
@@ -38,9 +38,10 @@ def export_lora(store, coefficients, output, rank=64, base=None, device=None, dt
     coefficients : dict task name -> float
     output : path of a new directory (refused if it exists and is not empty)
     rank : int, the largest rank of any layer's factors
-    base : the base model directory (default: the store's recorded base)
+    base : the base model (default: the store's recorded base)
     device : where the factors are reduced (default: CUDA when available)
     dtype : torch dtype of the adapter's tensors
+    config : folder holding the model's ``config.json`` (default: the base's folder)
 
     Returns
     -------
@@ -56,8 +57,10 @@ def export_lora(store, coefficients, output, rank=64, base=None, device=None, dt
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise InvalidInputError(f"output {output} exists and is not an empty directory; choose a new path")
     device = resolve_device(device)
-    base_dir = Path(base or store.meta["base"]["path"])
-    layers = _layers(base_dir)  # tensor name of the model -> (layer name, layer type, parameter name)
+    base_path = Path(base or store.meta["base"]["path"])
+    config_dir = Path(config) if config else base_path if base_path.is_dir() else base_path.parent
+    config_dir = config_dir.parent if config_dir.name == "config.json" else config_dir
+    layers = _layers(config_dir)  # tensor name of the model -> (layer name, layer type, parameter name)
     with store.open_base(base) as checkpoint:
         owner = {}  # checkpoint tensor name -> (layer, type, parameter)
         for name in store.meta["tensors"]:
@@ -79,7 +82,7 @@ def export_lora(store, coefficients, output, rank=64, base=None, device=None, dt
                     continue
                 if layer is None:
                     raise InvalidInputError(
-                        f"tensor {name!r} changes but belongs to no layer of the model built from {base_dir / 'config.json'}; "
+                        f"tensor {name!r} changes but belongs to no layer of the model built from {config_dir / 'config.json'}; "
                         "a PEFT adapter cannot hold it"
                     )
                 whole.setdefault(layer, {})[name] = delta
@@ -124,7 +127,7 @@ def export_lora(store, coefficients, output, rank=64, base=None, device=None, dt
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "base_model_name_or_path": str(base_dir),
+        "base_model_name_or_path": str(base_path if base_path.is_dir() else config_dir),
         "task_type": None,
     }
     files = _write_adapter(output, config, tensors)
@@ -132,19 +135,19 @@ def export_lora(store, coefficients, output, rank=64, base=None, device=None, dt
     return {"files": files, "rel_error": rel_error, "exact": left_out == 0, "ranks": ranks, "modules_to_save": modules_to_save}
 
 
-def _layers(base_dir):
+def _layers(config_dir):
     """{parameter name of the model: (layer name, layer class name, parameter name)}, from the
-    model its ``config.json`` describes, built on the meta device."""
-    if not (base_dir / "config.json").is_file():
+    model ``config_dir/config.json`` describes, built on the meta device."""
+    if not (config_dir / "config.json").is_file():
         raise InvalidInputError(
-            f"export-lora needs the base as a transformers model directory with config.json (got {base_dir}): "
-            "the layer each weight belongs to decides how peft stores it; pass it with --base"
+            f"export-lora needs the model's config.json, and {config_dir} has none: the layer each weight "
+            "belongs to decides how peft stores it; pass the transformers model directory with --base or --config"
         )
     try:
         import transformers
     except ImportError:
         raise InvalidInputError("export-lora needs transformers to read the base's config.json: pip install transformers") from None
-    config = transformers.AutoConfig.from_pretrained(base_dir, local_files_only=True)
+    config = transformers.AutoConfig.from_pretrained(config_dir, local_files_only=True)
     architecture = (getattr(config, "architectures", None) or [None])[0]
     model_class = getattr(transformers, architecture, None) if architecture else None
     with torch.device("meta"):
