@@ -56,6 +56,13 @@ def export_lora(store, coefficients, output, rank=64, base=None, device=None, dt
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise InvalidInputError(f"output {output} exists and is not an empty directory; choose a new path")
+    grown = {t: rows for t in coefficients if (rows := store._snapshot.added_rows(t))}
+    if grown:
+        task, rows = next(iter(grown.items()))
+        raise InvalidInputError(
+            f"task {task!r} added rows to {', '.join(sorted(rows))} (new tokens): a LoRA adapter cannot add rows "
+            "to the base's weights; use `tvbase apply` for a model with the new vocabulary"
+        )
     device = resolve_device(device)
     base_path = Path(base or store.meta["base"]["path"])
     config_dir = Path(config) if config else base_path if base_path.is_dir() else base_path.parent

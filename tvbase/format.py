@@ -1,4 +1,4 @@
-"""The store's on-disk format, version 1: everything about how a store's bytes are laid out.
+"""The store's on-disk format (version in FORMAT_VERSION): everything about how a store's bytes are laid out.
 
 Inside the Icechunk repository the root zarr v3 group holds:
 
@@ -29,11 +29,12 @@ from .codec.payload import PAYLOAD_CHUNK, packing_order, raw_bytes, zarr_compres
 from .errors import FormatVersionError, IntegrityError, TvbaseError
 
 # 2: tasks may keep rows of a matrix whole (roles "rows", "row_ids"); version 1 stores read as before
-FORMAT_VERSION = 2
+# 3: tasks may add rows after the base's (role "new_rows": fine-tunes that added tokens)
+FORMAT_VERSION = 3
 INDEX_COLUMNS = ("owner_kind", "owner_id", "tensor", "role", "rows", "cols", "bits", "offset", "nbytes")
 OWNER_SHARED, OWNER_TASK = 0, 1
 # role column value = position in this tuple; append only, never reorder (on-disk format)
-ROLES = ("U", "V", "core", "A", "B", "dense", "S", "mu", "rows", "row_ids")
+ROLES = ("U", "V", "core", "A", "B", "dense", "S", "mu", "rows", "row_ids", "new_rows")
 INDEX_CHUNK = 16384  # rows
 VALID_BITS = (32, 16, 8, 4, 2)
 # what verify requires of every task record
@@ -260,6 +261,9 @@ def factor_shape_problems(shape, role, rows, cols):
     numel = math.prod(int(s) for s in shape)
     if role in ("dense", "mu"):
         return [] if (rows, cols) == (numel, 1) else [f"{role} factor has shape {(rows, cols)}, expected {(numel, 1)}"]
+    if role == "new_rows":  # one column per added row, as long as a row
+        row = numel // int(shape[0]) if shape else 1
+        return [] if rows == row else [f"new_rows has {rows} rows, expected {row} (the size of one row)"]
     if role == "S":
         return [] if rows == numel else [f"seed basis S has {rows} rows, expected {numel}"]
     if mshape is None:

@@ -73,6 +73,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         result = estimator.fit(TaskVectors({n: sources[n] for n in full}), full, store.shapes).result_ if full else FitResult()
         result.add(fit_lora(adapters, store.shapes, params))
         result.tasks = {name: result.tasks[name] for name in items}  # recorded in the order given
+        _store_new_rows(result, sources, store.shapes)
         recorded = {name: {"path": str(Path(p).resolve()), "hash": sources[name].hash} for name, p in items.items()}
     finally:
         for source in sources.values():
@@ -86,6 +87,26 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         if grows and first and full:  # the first fit of the store's own method sets its defaults
             meta["params"] = params.to_dict()
     return store.version
+
+
+NEW_ROW_BITS = 8  # rows a fine-tune added are its values, not deltas: a scale per row, int8
+
+
+def _store_new_rows(result, sources, shapes):
+    """Add each source's rows after the base's (added tokens) to its task, with their energy
+    and quantization error in the task's figures."""
+    from .codec.quantize import dequantize, quantize
+
+    for task, source in sources.items():
+        added = {name: rows for name in shapes if (rows := source.new_rows(name)) is not None}  # (k, n) each
+        if not added:
+            continue
+        error = result.rel_error[task] ** 2 * result.energy[task]
+        for name, rows in added.items():
+            q = result.tasks[task][name].new_rows = quantize(rows.T.contiguous(), NEW_ROW_BITS)  # (n, k)
+            error += float((dequantize(q).T - rows).double().square().sum())
+            result.energy[task] += float(rows.double().square().sum())
+        result.rel_error[task] = (error / result.energy[task]) ** 0.5
 
 
 def _fitted_tasks(meta):
@@ -140,6 +161,9 @@ def compact(store, params=None, device=None, progress=True, wait=0.0, max_memory
                 result.rel_error[t] += old[t]["rel_error"]
         result.add(_as_stored(store._snapshot, [t for t in tasks if t not in refit]))
         result.tasks = {t: result.tasks[t] for t in tasks}
+        for t in refit:  # rows a task added after the base's are not refitted: kept as stored
+            for name in store._snapshot.added_rows(t):
+                result.tasks[t][name].new_rows = store._snapshot._task_tensor(t, name).new_rows
         meta["tasks"], meta["clusters"] = {}, {}
         write_fit(root, meta, result, store.shapes, params, {t: old[t]["source"] for t in tasks}, append=False, previous=old)
         for t in refit:

@@ -26,7 +26,9 @@ def rebuild_tensor(shape, terms, device="cpu"):
 
     Returns
     -------
-    torch.Tensor of shape ``shape``, float32, on ``device``.
+    torch.Tensor of shape ``shape``, float32, on ``device``; with more rows when a task added
+    rows after the base's (``new_rows``): as many as the task that added most, the rows a task
+    lacks counting as zero.
 
     Notes
     -----
@@ -34,6 +36,24 @@ def rebuild_tensor(shape, terms, device="cpu"):
     one product per cluster whatever the number of terms. Per-task low-rank terms are stacked
     into a single ``[alpha_t A_t] @ [B_t]^T`` product.
     """
+    return _add_new_rows(_rebuild_base_rows(shape, terms, device), terms, device)
+
+
+def _add_new_rows(out, terms, device):
+    """``out`` (the base's shape) grown by the rows tasks added after the base's, weighted."""
+    added = [(alpha, dequantize(tt.new_rows, device=device).T) for alpha, _, tt in terms if tt.new_rows is not None]  # (k, n)
+    if not added:
+        return out
+    m = out.shape[0]
+    grown = torch.zeros(m + max(len(rows) for _, rows in added), *out.shape[1:], device=device)
+    grown[:m] = out
+    flat = grown.view(grown.shape[0], -1)  # (m + k_max, n)
+    for alpha, rows in added:
+        flat[m : m + len(rows)].add_(rows, alpha=alpha)
+    return grown
+
+
+def _rebuild_base_rows(shape, terms, device):
     numel = int(torch.Size(shape).numel())
     out = torch.zeros(numel, device=device)  # flat; reshaped at the end
     _add_seed_terms(out, terms, device)

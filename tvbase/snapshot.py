@@ -71,6 +71,12 @@ class Snapshot:
 
         return factor_tensor(self.shapes[name], self._terms(name, coefficients), device=device)
 
+    def added_rows(self, task):
+        """{tensor name: rows} that ``task`` added after the base's (fine-tunes that added tokens)."""
+        tid, role = self.meta["tasks"][task]["id"], ROLES.index("new_rows")
+        names = self.meta["tensors"]
+        return {names[int(r[2])]: int(r[5]) for r in self.index if int(r[0]) == OWNER_TASK and int(r[1]) == tid and int(r[3]) == role}
+
     def _terms(self, name, coefficients):
         terms = []
         for task in sorted(coefficients):

@@ -11,7 +11,10 @@ residual of the shared fit, or the whole task for tasks stored as per-task SVD).
 matrix may also keep a few rows whole: ``rows`` (n, s) holds them as columns (so each row gets
 its own quantization scale) and ``row_ids`` (1, s) their row numbers, exact integers in float32:
 ``tau[row_ids[j]] += rows[:, j]``. Tensors that are not matrices (biases, norms, 1 x n rows) are
-stored densely as a (numel, 1) column.
+stored densely as a (numel, 1) column. A fine-tune that added tokens has more rows in its
+embedding or head than the base: the rows the base has are stored as above, the ``k`` new
+ones whole in ``new_rows`` (n, k), each as a column of the fine-tune's values (there is no
+base row to subtract), ``n`` being the size of one row (1 for a vector).
 
 The seed-basis methods of Task Vector Bases (PCA, Gram autoencoder, cluster merge) store instead,
 for every tensor, a basis ``S`` (numel, M) and optionally a mean ``mu`` (numel, 1) shared by all
@@ -71,9 +74,10 @@ class TaskTensor:
     rows: QuantizedMatrix | None = None  # (n, s): s rows of the matrix kept whole, as columns
     row_ids: QuantizedMatrix | None = None  # (1, s) float32: their row numbers
     dense: QuantizedMatrix | None = None  # (numel, 1)
+    new_rows: QuantizedMatrix | None = None  # (n, k): rows the fine-tune added after the base's (tokens), as columns
     coef: tuple | None = None  # (M,) seed-basis coefficients; kept in metadata, not the payload
 
-    _ROLES = ("core", "A", "B", "rows", "row_ids", "dense")
+    _ROLES = ("core", "A", "B", "rows", "row_ids", "dense", "new_rows")
 
     @property
     def nbytes(self):

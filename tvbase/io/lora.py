@@ -215,6 +215,10 @@ class LoraAdapter:
         whole = self.whole(name)
         return whole if whole is not None else torch.zeros(shape)
 
+    def new_rows(self, name: str) -> None:
+        """An adapter never adds rows: its updates have the base's shapes."""
+        return None
+
     @property
     def hash(self) -> str:
         """sha256 of the config's bytes and the weights' content hash."""

@@ -50,6 +50,11 @@ class TaskVectorSource(ABC):
         """Content hash of the input (64 hex digits), recorded so ``compact`` can tell whether
         the input is still the one ingested; None when there is no input file."""
 
+    def new_rows(self, name: str) -> torch.Tensor | None:
+        """Rows of tensor ``name`` after the base's (tokens the fine-tune added): its values,
+        float32 (k, size of one row), or None when it has the base's shape."""
+        return None
+
     def close(self) -> None:
         """Release open files; the base belongs to the caller and stays open."""
 
