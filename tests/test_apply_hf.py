@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from tvbase.cli import main
 from tvbase.errors import InvalidInputError, NotFoundError
 from tvbase.export import apply_composition, model_files
 from tvbase.methods import FitParams
@@ -218,3 +219,17 @@ def test_recorded_base_that_moved_or_changed_is_refused(hf, tmp_path):
         apply_composition(store, {"math": 1.0}, None, tmp_path / "out2", device="cpu")
     assert not (tmp_path / "out2").exists()
 
+
+def test_cli_apply_defaults_to_the_recorded_base(hf, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["apply", str(hf["store"]), "0.7*math - 0.4*code", "-o", str(out), "--device", "cpu",
+                 "--dtype", "float16"]) == 0
+    assert "wrote base + (0.7*math - 0.4*code)" in capsys.readouterr().out
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    expected, _ = _expected(hf, COEFFICIENTS, dtype=torch.float16)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(model.state_dict()[name].to(torch.float16), tensor, rtol=2**-10, atol=1e-4)
+    capsys.readouterr()  # transformers' progress bars
+    assert main(["apply", str(hf["store"]), "math", "-o", str(out), "--device", "cpu"]) == 4  # now not empty
+    err = capsys.readouterr().err
+    assert err.startswith("tvbase: error: output directory") and "not empty" in err and "Traceback" not in err
