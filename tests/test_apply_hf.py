@@ -128,12 +128,15 @@ def test_apply_writes_a_directory_from_pretrained_loads(hf, tmp_path):
 def test_sharded_output_has_an_index_transformers_reads(hf, tmp_path):
     out = tmp_path / "sharded"
     files = apply_composition(Store.open(hf["store"]), COEFFICIENTS, hf["base"], out, device="cpu",
-                              max_shard_bytes=4096)
+                              max_shard_bytes=4096, metadata={"tvbase_expression": "0.7*math - 0.4*code"})
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and not (out / "model.safetensors").exists()
     index = json.loads((out / "model.safetensors.index.json").read_text())
     expected, base = _expected(hf, COEFFICIENTS)
     assert index["metadata"]["total_size"] == sum(t.nbytes for t in expected.values())
+    assert index["metadata"]["tvbase_expression"] == "0.7*math - 0.4*code"
+    with safe_open(shards[0], "pt") as f:
+        assert f.metadata() == {"format": "pt", "tvbase_expression": "0.7*math - 0.4*code"}
     assert set(index["weight_map"]) == set(expected) and set(index["weight_map"].values()) == {p.name for p in shards}
     assert {p.name for p in files} == {p.name for p in shards} | {"model.safetensors.index.json", *hf["copied"]}
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -233,3 +236,18 @@ def test_cli_apply_defaults_to_the_recorded_base(hf, tmp_path, capsys):
     assert main(["apply", str(hf["store"]), "math", "-o", str(out), "--device", "cpu"]) == 4  # now not empty
     err = capsys.readouterr().err
     assert err.startswith("tvbase: error: output directory") and "not empty" in err and "Traceback" not in err
+
+
+def test_a_sharded_base_given_by_its_index_file(hf, tmp_path):
+    """The content hash does not depend on sharding, so a resharded copy is the same base; given
+    by its index file, its folder is the model directory whose files are copied."""
+    from tvbase.io.save import save_checkpoint
+
+    base = tmp_path / "resharded"
+    save_checkpoint(load_file(hf["base"] / "model.safetensors").items(), base, max_shard_bytes=4096)
+    shutil.copyfile(hf["base"] / "config.json", base / "config.json")
+    out = tmp_path / "out"
+    apply_composition(Store.open(hf["store"]), COEFFICIENTS, base / "model.safetensors.index.json", out, device="cpu")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    expected, original = _expected(hf, COEFFICIENTS)
+    _assert_close(load_file(out / "model.safetensors"), expected, original)

@@ -219,7 +219,7 @@ def cmd_get(args):
 def _request(args, store, command):
     """What ``compose`` or ``apply`` is asked to write, from EXPRESSION or ``--recipe``: a Recipe
     and the text naming the composition. Options given on the command line win over the
-    recipe's values; every check is made here, before anything is read or written."""
+    recipe's values. Nothing is written before these checks pass."""
     from .recipe import KINDS, Recipe, load_recipe
 
     if (args.expression is None) == (args.recipe is None):

@@ -120,7 +120,7 @@ def apply_composition(store, coefficients, base, output, device=None, dtype=None
                 yield name, merged.to(weight.dtype if keep else dtype).cpu()
 
         def write(target):
-            files = save_checkpoint(tensors(), target, max_shard_bytes, {"format": "pt", **(metadata or {})})
+            files = save_checkpoint(tensors(), target, max_shard_bytes, metadata)  # adds "format": "pt"
             return files + (_copy_model_files(source, target, dtype) if source is not None else [])
 
         return _write(output, write)
