@@ -20,8 +20,7 @@ from .codec.bits import parse_bits
 from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, exit_code
 from .methods.params import FitParams
 from .methods.registry import METHODS, get_method
-
-DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes, looked up when a command runs
+from .recipe import DTYPES  # light: PyYAML is imported only when a recipe is read
 
 
 def parse_budget(text):
@@ -219,27 +218,53 @@ def cmd_get(args):
     print(f"wrote task vector {args.name!r} to {', '.join(map(str, files))}")
 
 
+def _request(args, store, command):
+    """What ``compose`` or ``apply`` is asked to write, from EXPRESSION or ``--recipe``: a Recipe
+    and the text naming the composition. Options given on the command line win over the
+    recipe's values. Nothing is written before these checks pass."""
+    from .recipe import KINDS, Recipe, load_recipe
+
+    if (args.expression is None) == (args.recipe is None):
+        raise InvalidInputError(
+            "give either an EXPRESSION such as '0.5*math + code' or --recipe FILE" if args.expression is None
+            else f"give either the expression {args.expression!r} or --recipe {args.recipe}, not both"
+        )
+    options = {"output": args.output, "dtype": args.dtype, "base": getattr(args, "base", None)}
+    if args.recipe is not None:
+        request = load_recipe(args.recipe, known=store.tasks, command=command).override(**options)
+        text = request.expression
+    else:
+        from .arithmetic import parse_expression
+
+        kind = next(k.name for k in KINDS.values() if k.command == command)
+        request = Recipe(kind, parse_expression(args.expression, known=store.tasks)).override(**options)
+        text = args.expression
+    if request.output is None:
+        raise InvalidInputError("no output given: pass -o/--output, or set 'output:' in the recipe")
+    return request, text
+
+
 def cmd_compose(args):
-    from .arithmetic import parse_expression
-    from .io.save import save_checkpoint
+    from .export import write_composition
     from .store import Store
 
     store = Store.open(args.store, at=args.at)
-    coefficients = parse_expression(args.expression, known=store.tasks)
-    tensors = store.iter_composition(coefficients, device=args.device, dtype=_torch_dtype(args.dtype))
-    files = save_checkpoint(((n, t.cpu()) for n, t in tensors), args.output, metadata={"tvbase_expression": args.expression})
-    print(f"wrote {args.expression!r} to {', '.join(map(str, files))}")
+    request, text = _request(args, store, "compose")
+    files = write_composition(store, request.tasks, request.output, device=args.device,
+                              dtype=_torch_dtype(request.dtype or "float32"), metadata={"tvbase_expression": text})
+    print(f"wrote {text!r} to {', '.join(map(str, files))}")
 
 
 def cmd_apply(args):
-    from .arithmetic import parse_expression
     from .export import apply_composition
     from .store import Store
 
     store = Store.open(args.store, at=args.at)
-    coefficients = parse_expression(args.expression, known=store.tasks)
-    files = apply_composition(store, coefficients, args.base, args.output, device=args.device)
-    print(f"wrote base + ({args.expression}) to {args.output} ({len(files)} file(s))")
+    request, text = _request(args, store, "apply")
+    dtype = _torch_dtype(request.dtype) if request.dtype else None
+    files = apply_composition(store, request.tasks, request.base, request.output, device=args.device, dtype=dtype,
+                              metadata={"tvbase_expression": text})
+    print(f"wrote base + ({text}) to {request.output} ({len(files)} file(s))")
 
 
 def cmd_export_lora(args):
@@ -379,18 +404,33 @@ def build_parser():
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written tensors (default: %(default)s)")
     device(p), reader(p)
 
+    def composition(p):
+        p.add_argument("expression", nargs="?", help="tasks and weights, e.g. '0.7*math + 0.5*code - toxic' "
+                       "(or --recipe)")
+        p.add_argument("--recipe", metavar="FILE", help="YAML recipe with the tasks and weights, and optionally "
+                       "output, dtype, base and kind, instead of EXPRESSION; options given here override its "
+                       "values, and its relative paths are relative to its folder (default: none)")
+
     p = command("compose", cmd_compose, "rebuild a composition such as '0.5*math + 0.3*code - toxic'")
     p.add_argument("store")
-    p.add_argument("expression")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written tensors (default: %(default)s)")
+    composition(p)
+    p.add_argument("-o", "--output", type=Path, help="output .safetensors file, or a new (or empty) directory for shards + "
+                   "index (default: the recipe's output; one of the two is required)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the written tensors (default: the recipe's, "
+                   "else float32)")
     device(p), reader(p)
 
-    p = command("apply", cmd_apply, "write base + composition as a loadable checkpoint")
+    p = command("apply", cmd_apply, "write base + composition as a loadable checkpoint (a transformers directory "
+                "when the base is one)")
     p.add_argument("store")
-    p.add_argument("expression")
-    p.add_argument("--base", required=True, help="the base model the store was created for")
-    p.add_argument("-o", "--output", required=True, help="output directory (sharded safetensors + index when large) or .safetensors file")
+    composition(p)
+    p.add_argument("--base", type=Path, help="the base model the store was created for (default: the recipe's, else the "
+                   "path recorded at init, if its content is unchanged)")
+    p.add_argument("-o", "--output", type=Path, help="output: a new (or empty) directory that gets model.safetensors (or "
+                   "shards + index when large) and, for a base directory, its config and tokenizer files; or a "
+                   ".safetensors file, weights only (default: the recipe's output; one of the two is required)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of every floating-point tensor written (default: "
+                   "the recipe's, else each tensor keeps the base's dtype); integer tensors keep theirs")
     device(p), reader(p)
 
     p = command("export-lora", cmd_export_lora, "write a task or composition as a PEFT LoRA adapter directory")

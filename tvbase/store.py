@@ -219,11 +219,33 @@ class Store:
         return expired
 
     def open_base(self, base=None):
-        """Open the base checkpoint (``base``, or the path recorded at init) after checking that it
-        is this store's base: same tensors and same content hash. The caller closes it."""
+        """Open the base checkpoint after checking that it is this store's base: same tensors
+        and same content hash. The caller closes it.
+
+        The one place that finds the base for ingest, compact and export: ``base`` when given,
+        else the path recorded at init, which is used only while its content is unchanged.
+
+        Parameters
+        ----------
+        base : str, Path or None, where the base model is now; None: the recorded path.
+
+        Returns
+        -------
+        Checkpoint
+
+        Raises
+        ------
+        NotFoundError
+            If ``base`` does not exist, or, with ``base=None``, the recorded base is gone.
+        BaseMismatchError, InvalidInputError
+            If the checkpoint is not the store's base (other tensors, or the same tensors with
+            other values); with ``base=None``, the message says the recorded base changed.
+        """
         from .io.checkpoint import Checkpoint, check_compatible
 
         path = base or self.meta["base"]["path"]
+        # with the recorded base the user gave no path: say which one was read
+        label = f"base ({path})" if base else f"the base recorded at init ({path})"
         try:
             checkpoint = Checkpoint.open(path)
         except NotFoundError:
@@ -233,10 +255,11 @@ class Store:
                 f"the store's base model is not at {path} any more; pass its new location with --base"
             ) from None
         try:
-            check_compatible(self.meta["base"]["tensors"], checkpoint, f"base ({path})")
+            check_compatible(self.meta["base"]["tensors"], checkpoint, label)
             if checkpoint.fingerprint()["hash"] != self.meta["base"]["hash"]:
+                has = "has" if base else "changed since: it has"
                 raise InvalidInputError(
-                    f"base at {path} has the right tensor names, shapes and dtypes but different values than the "
+                    f"{label} {has} the right tensor names, shapes and dtypes but different values than the "
                     "base this store was created with (content hash differs); pass the original base with --base"
                 )
         except BaseException:

@@ -2,7 +2,8 @@
 
 The only way model weights leave tvbase: :func:`save_checkpoint` streams tensors to one
 ``.safetensors`` file or to Hugging Face style shards plus ``model.safetensors.index.json``;
-:func:`write_atomic` is the one atomic-replace helper every writer of a file uses.
+:func:`write_atomic` is the one atomic-replace helper every writer of a file uses, and
+:func:`write_directory_atomic` its counterpart for a whole new directory (a model folder).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ from tvbase.errors import InvalidInputError
 
 from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 
-__all__ = ["save_checkpoint", "write_atomic"]
+__all__ = ["check_new_directory", "save_checkpoint", "write_atomic", "write_directory_atomic"]
 
 _SINGLE_NAME = "model.safetensors"
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -205,6 +207,7 @@ def _save_sharded(
         os.replace(temp, final)
     written = list(finals)
     if count > 1:
+        # the layout transformers' from_pretrained reads: total_size is the tensor bytes
         index = {
             "metadata": {**index_metadata, "total_size": total_bytes},
             "weight_map": {name: final.name for final, shard_names in zip(finals, weight_maps) for name in shard_names},
@@ -229,6 +232,66 @@ def write_atomic(path: str | os.PathLike, write) -> None:
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
+        raise
+
+
+def check_new_directory(path: str | os.PathLike) -> None:
+    """Refuse ``path`` as the target of :func:`write_directory_atomic` unless it does not exist or
+    is an empty directory; called first by writers that have slow work to do before writing.
+
+    Raises
+    ------
+    InvalidInputError
+        If ``path`` is an existing file, or a directory that holds anything.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(
+            f"cannot write a directory to {str(path)!r}: it is an existing file; "
+            "give a new directory, or a path ending in .safetensors for one weights file."
+        )
+    if path.is_dir() and any(path.iterdir()):
+        raise InvalidInputError(
+            f"output directory {str(path)!r} is not empty: the new files would mix with the ones there; "
+            "give a new or empty directory, or remove this one first."
+        )
+
+
+def write_directory_atomic(path: str | os.PathLike, write) -> None:
+    """Call ``write(temp_directory)`` on a new directory beside ``path``, then move it to ``path`` in
+    one step: ``path`` then holds all the new files or, after a failure or crash, is as it was.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A directory that does not exist yet, or an empty one (see :func:`check_new_directory`).
+        Missing parent directories are made, and removed again if the write fails.
+    write : callable
+        ``write(temp_directory: Path)`` writes every file; each is fsynced before the move.
+    """
+    check_new_directory(path)
+    target = Path(path).resolve()  # through a symlink to an empty directory, fill that directory
+    made = [parent for parent in target.parents if not parent.exists()]  # innermost first
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        temp.mkdir()
+        write(temp)
+        for file in temp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        try:
+            os.replace(temp, target)  # also replaces an empty directory
+        except OSError as error:  # something appeared there while we wrote
+            raise InvalidInputError(f"cannot move the new files into {str(path)!r}: {error}; "
+                                    "give a new or empty directory.") from error
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        for parent in made:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
 
 
