@@ -264,3 +264,12 @@ def test_export_lora_refusals_leave_no_output(bert, mixed_store, tmp_path):
     with pytest.raises(InvalidInputError, match="config.json, and .* has none"):
         export_lora(store, {"plain": 1.0}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_lora_from_a_recipe(bert, mixed_store, tmp_path, capsys):
+    recipe = tmp_path / "adapter.yaml"
+    recipe.write_text("kind: lora\ntasks:\n  full: 0.5\n  plain: 1.0\nrank: 3\noutput: out\n")
+    assert main(["export-lora", str(mixed_store.path), "--recipe", str(recipe), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert not report["exact"] and max(report["ranks"].values()) == 3
+    assert (tmp_path / "out" / "adapter_config.json").is_file()  # relative to the recipe's folder

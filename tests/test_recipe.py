@@ -61,7 +61,19 @@ def test_expression_of_a_leading_negative_weight():
 def test_kind_defaults_to_the_commands():
     assert parse_recipe({"tasks": {"a0": 1}}, command="compose").kind == "delta"
     assert parse_recipe({"tasks": {"a0": 1}}, command="apply").kind == "merged"
-    assert {kind.command for kind in KINDS.values()} == {"compose", "apply"}
+    assert parse_recipe({"tasks": {"a0": 1}, "rank": 8}, command="export-lora").kind == "lora"
+    assert {kind.command for kind in KINDS.values()} == {"compose", "apply", "export-lora"}
+
+
+@pytest.mark.parametrize("rank", [0, -3, 2.5, True, "8"])
+def test_lora_rank_must_be_a_positive_integer(rank):
+    with pytest.raises(InvalidInputError, match="key 'rank'.*positive integer"):
+        parse_recipe({"tasks": {"a0": 1}, "rank": rank}, command="export-lora")
+
+
+def test_rank_is_a_key_of_lora_recipes_only():
+    with pytest.raises(InvalidInputError, match="rank"):
+        parse_recipe({"tasks": {"a0": 1}, "rank": 8}, command="apply")
 
 
 def test_options_override_recipe_values(tmp_path):
@@ -74,7 +86,7 @@ def test_options_override_recipe_values(tmp_path):
 
 BAD = {
     # name: (YAML text, error class, every fragment the message must hold)
-    "not a mapping": ("- a0\n- b0\n", InvalidInputError, ["is a list", "expected a mapping", "kind, output, tasks"]),
+    "not a mapping": ("- a0\n- b0\n", InvalidInputError, ["is a list", "expected a mapping", "kind, output, rank, tasks"]),
     "empty file": ("", InvalidInputError, ["is empty", "expected a mapping"]),
     "unknown key": ("tasks: {a0: 1}\ntaks: 1\n", InvalidInputError,
                     ["unknown key 'taks'", "did you mean 'tasks'", "valid keys for kind 'delta': dtype, kind, output, tasks"]),
@@ -103,8 +115,8 @@ BAD = {
     "weight too large": ("tasks: {a0: 2.0e+6}\n", InvalidInputError, ["tasks.a0 is 2000000.0"]),
     "bad dtype": ("tasks: {a0: 1}\ndtype: int8\n", InvalidInputError,
                   ["key 'dtype' is 'int8'", "expected one of bfloat16, float16, float32"]),
-    "bad kind": ("tasks: {a0: 1}\nkind: lora\n", InvalidInputError,
-                 ["key 'kind' is 'lora', which is not a kind", "valid kinds: delta", "merged"]),
+    "bad kind": ("tasks: {a0: 1}\nkind: adapter\n", InvalidInputError,
+                 ["key 'kind' is 'adapter', which is not a kind", "valid kinds: delta", "merged", "lora"]),
     "kind of another command": ("tasks: {a0: 1}\nkind: merged\n", InvalidInputError,
                                 ["kind' is 'merged', which `tvbase apply` writes, not `tvbase compose`",
                                  "(it writes kind 'delta')", "run `tvbase apply STORE --recipe"]),

@@ -229,7 +229,7 @@ def _request(args, store, command):
             "give either an EXPRESSION such as '0.5*math + code' or --recipe FILE" if args.expression is None
             else f"give either the expression {args.expression!r} or --recipe {args.recipe}, not both"
         )
-    options = {"output": args.output, "dtype": args.dtype, "base": getattr(args, "base", None)}
+    options = {"output": args.output, "dtype": args.dtype, "base": getattr(args, "base", None), "rank": getattr(args, "rank", None)}
     if args.recipe is not None:
         request = load_recipe(args.recipe, known=store.tasks, command=command).override(**options)
         text = request.expression
@@ -268,18 +268,18 @@ def cmd_apply(args):
 
 
 def cmd_export_lora(args):
-    from .arithmetic import parse_expression
-    from .export_lora import export_lora
+    from .export_lora import DEFAULT_RANK, export_lora
     from .store import Store
 
     store = Store.open(args.store, at=args.at)
-    coefficients = parse_expression(args.expression, known=store.tasks)
-    report = export_lora(store, coefficients, args.output, rank=args.rank, base=args.base, device=args.device,
-                         dtype=_torch_dtype(args.dtype), config=args.config)
-    how = "exact" if report["exact"] else f"truncated to rank {args.rank}, relative error {report['rel_error']:.4f}"
-    text = (f"wrote {args.expression!r} as a LoRA adapter to {args.output}: {how}; "
-            f"{len(report['ranks'])} LoRA layers, {len(report['modules_to_save'])} layers saved whole")
-    _print(args, {k: (list(map(str, v)) if k == "files" else v) for k, v in report.items()}, text)
+    request, text = _request(args, store, "export-lora")
+    rank = request.rank or DEFAULT_RANK
+    report = export_lora(store, request.tasks, request.output, rank=rank, base=request.base, device=args.device,
+                         dtype=_torch_dtype(request.dtype or "float32"), config=args.config)
+    how = "exact" if report["exact"] else f"truncated to rank {rank}, relative error {report['rel_error']:.4f}"
+    summary = (f"wrote {text!r} as a LoRA adapter to {request.output}: {how}; "
+               f"{len(report['ranks'])} LoRA layers, {len(report['modules_to_save'])} layers saved whole")
+    _print(args, {k: (list(map(str, v)) if k == "files" else v) for k, v in report.items()}, summary)
 
 
 def cmd_rm(args):
@@ -435,13 +435,17 @@ def build_parser():
 
     p = command("export-lora", cmd_export_lora, "write a task or composition as a PEFT LoRA adapter directory")
     p.add_argument("store", help="the store")
-    p.add_argument("expression", help="a task name or a composition such as '0.5*math + 0.3*code'")
-    p.add_argument("-o", "--output", required=True, help="new adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--rank", type=int, default=64, help="largest rank of any layer; a layer whose update has a higher rank "
-                   "is truncated to it and the error is reported (default: %(default)s)")
-    p.add_argument("--base", help="where the base model is, if it moved since init (default: the store's recorded base)")
-    p.add_argument("--config", help="folder with the model's config.json, for its layer types (default: the base's folder)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the adapter's tensors (default: %(default)s)")
+    composition(p)
+    p.add_argument("-o", "--output", type=Path, help="a new (or empty) adapter directory: adapter_config.json + "
+                   "adapter_model.safetensors (default: the recipe's output; one of the two is required)")
+    p.add_argument("--rank", type=int, help="largest rank of any layer; a layer whose update has a higher rank is "
+                   "truncated to it and the error reported (default: the recipe's, else 64)")
+    p.add_argument("--base", type=Path, help="where the base model is, if it moved since init (default: the recipe's, "
+                   "else the path recorded at init, if its content is unchanged)")
+    p.add_argument("--config", type=Path, help="folder with the model's config.json, for its layer types (default: "
+                   "the base's folder)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the adapter's tensors (default: the recipe's, "
+                   "else float32)")
     device(p), reader(p), listing(p)
 
     p = command("ls", cmd_ls, "list tasks: cluster, stored bytes, relative error")

@@ -23,13 +23,14 @@ import torch
 from .errors import InvalidInputError
 from .io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, resolve_name
 
+DEFAULT_RANK = 64  # the largest rank of an exported layer when none is asked for
 # layer types LoRA wraps, by class name -> how peft lays out the factors of their weight
 _LORA_LAYERS = {"Linear": "linear", "Embedding": "embedding", "Conv1D": "conv1d",
                 "Conv1d": "conv", "Conv2d": "conv", "Conv3d": "conv"}
 
 
 @torch.no_grad()
-def export_lora(store, coefficients, output, rank=64, base=None, device=None, dtype=torch.float32, config=None):
+def export_lora(store, coefficients, output, rank=DEFAULT_RANK, base=None, device=None, dtype=torch.float32, config=None):
     """Write ``sum alpha_t tau_t`` as a PEFT LoRA adapter directory ``output``.
 
     Parameters

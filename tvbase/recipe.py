@@ -63,6 +63,8 @@ KINDS = {
         OutputKind("delta", "compose", "the composition sum w_t tau_t, as a task-vector file", ("output", "dtype")),
         OutputKind("merged", "apply", "base + the composition, a model loadable as the base is",
                    ("base", "output", "dtype")),
+        OutputKind("lora", "export-lora", "the composition as a PEFT LoRA adapter of at most rank 'rank'",
+                   ("base", "output", "dtype", "rank")),
     )
 }
 _TASK_ITEM_KEYS = ("task", "weight")
@@ -79,6 +81,7 @@ class Recipe:
     base : Path or None, the base model (kind ``merged``); None: the one recorded in the store.
     output : Path or None, where to write.
     dtype : str or None, one of :data:`DTYPES`; None: the command's default.
+    rank : int or None, the largest rank of a LoRA adapter (kind ``lora``); None: the command's default.
     """
 
     kind: str
@@ -86,6 +89,7 @@ class Recipe:
     base: Path | None = None
     output: Path | None = None
     dtype: str | None = None
+    rank: int | None = None
 
     @property
     def expression(self) -> str:
@@ -184,7 +188,10 @@ def parse_recipe(data, known=None, command=None, relative_to=None, where="recipe
     if dtype is not None and dtype not in DTYPES:
         raise InvalidInputError(f"{where}: key 'dtype' is {dtype!r}: expected one of {', '.join(DTYPES)}")
     base, output = (_parse_path(data, key, relative_to, where) for key in ("base", "output"))
-    return Recipe(kind=kind.name, tasks=tasks, base=base, output=output, dtype=dtype)
+    rank = data.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise InvalidInputError(f"{where}: key 'rank' is {_describe(rank)}: expected a positive integer")
+    return Recipe(kind=kind.name, tasks=tasks, base=base, output=output, dtype=dtype, rank=rank)
 
 
 def _parse_kind(data, command, where):
