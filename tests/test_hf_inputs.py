@@ -2,13 +2,20 @@
 boolean buffers, tied weights, hub-cache folders and hub ids. Every model here is a tiny
 Llama-shaped one written to tmp_path; nothing is downloaded."""
 
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from tvbase.cli import main
-from tvbase.errors import BaseMismatchError
+from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
 from tvbase.io.checkpoint import Checkpoint, check_compatible
+from tvbase.io.hub import resolve_model_path
 from tvbase.io.sources import FullCheckpoint
 from tvbase.methods import FitParams
 from tvbase.store import Store
@@ -200,3 +207,146 @@ def test_tied_head_through_a_store(tmp_path):
     moved = load_file(tasks["t0"])[EMBED] - base_tensors[EMBED]
     for name in (EMBED, HEAD):  # the head moved with the embeddings
         assert relative_error(tau[name], moved) < 0.3, name
+
+
+# --- hub-cache folders and hub ids -------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _cache_model(cache, repo_id, tensors, commit=COMMIT, refs=("main",), shards=1):
+    """Lay out ``tensors`` as huggingface_hub caches a download: blobs named by hash, a snapshot
+    folder of relative symlinks into them, and refs naming the commit. Returns the snapshot."""
+    org, name = repo_id.split("/")
+    entry = cache / f"models--{org}--{name}"
+    snapshot = entry / "snapshots" / commit
+    staging = cache.parent / f"staging-{org}-{name}-{commit[:6]}"
+    names = sorted(tensors)
+    _save_shards(tensors, staging, [names[i::shards] for i in range(shards)])
+    (entry / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in sorted(staging.iterdir()):
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        file.rename(entry / "blobs" / blob)
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
+    staging.rmdir()
+    (entry / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (entry / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+def _save_shards(tensors, directory, shards):
+    """One model.safetensors, or shards named as transformers names them with their index."""
+    directory.mkdir(parents=True)
+    if len(shards) == 1:
+        save_file(tensors, directory / "model.safetensors")
+        return
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({name: tensors[name] for name in names}, directory / filename)
+        weight_map.update(dict.fromkeys(names, filename))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_sharded_cache_snapshot_opens(hub_cache):
+    tensors = _llama()
+    snapshot = _cache_model(hub_cache, "org/llama", tensors, shards=3)
+    assert all((snapshot / f).is_symlink() for f in os.listdir(snapshot))  # index included
+    with Checkpoint.open(snapshot) as checkpoint:
+        assert checkpoint.names == sorted(tensors) and len(checkpoint.files) == 3
+        assert all(torch.equal(checkpoint.get(n, dtype=None), t) for n, t in tensors.items())
+
+
+@pytest.mark.parametrize("where", ["outside the cache", "another cache entry"])
+def test_a_cache_snapshot_may_not_link_out_of_its_entry(hub_cache, tmp_path, where):
+    snapshot = _cache_model(hub_cache, "org/llama", _llama(), shards=2)
+    other = _cache_model(hub_cache, "org/other", _llama(seed=3))
+    target = tmp_path / "elsewhere.safetensors" if where == "outside the cache" else (other / "model.safetensors").resolve()
+    if where == "outside the cache":
+        save_file(_llama(seed=3), target)
+    shard = snapshot / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    shard.symlink_to(target)
+    with pytest.raises(InvalidInputError, match=r"shard .* outside the checkpoint directory .* and outside .*blobs"
+                                                r".*only link into their own entry's blobs"):
+        Checkpoint.open(snapshot)
+
+
+def test_resolve_hub_ids_offline(hub_cache, tmp_path, monkeypatch):
+    main_snapshot = _cache_model(hub_cache, "org/llama", _llama())
+    tagged = _cache_model(hub_cache, "org/llama", _llama(seed=2), commit="f" * 40, refs=("v1",))
+    assert resolve_model_path("org/llama") == main_snapshot
+    assert resolve_model_path("org/llama@v1") == tagged
+    assert resolve_model_path(f"org/llama@{'f' * 40}") == tagged  # a commit names its snapshot
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(hub_cache.parent))  # HF_HOME/hub
+    assert resolve_model_path("org/llama") == main_snapshot
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # ~/.cache/huggingface/hub
+    default = tmp_path / "home" / ".cache" / "huggingface" / "hub"
+    shutil.copytree(hub_cache, default, symlinks=True)
+    assert resolve_model_path("org/llama") == default / main_snapshot.relative_to(hub_cache)
+
+
+def test_a_local_path_wins_over_a_hub_id(hub_cache, tmp_path, monkeypatch):
+    _cache_model(hub_cache, "org/llama", _llama())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "llama").mkdir(parents=True)
+    assert resolve_model_path("org/llama") == Path("org/llama")
+
+
+@pytest.mark.parametrize("spec, phrase", [
+    ("org/absent", "there is no '{cache}/models--org--absent'"),
+    ("org/llama@v9", "'{cache}/models--org--llama' holds no revision 'v9'"),
+])  # fmt: skip
+def test_a_hub_id_not_in_the_cache(hub_cache, spec, phrase):
+    _cache_model(hub_cache, "org/llama", _llama())
+    with pytest.raises(NotFoundError) as caught:
+        resolve_model_path(spec)
+    assert phrase.format(cache=hub_cache) in str(caught.value)
+    assert "never downloads" in str(caught.value)
+
+
+def test_hub_ids_through_the_cli(hub_cache, tmp_path, capsys):
+    base_tensors = _llama()
+    base = _cache_model(hub_cache, "meta/llama", base_tensors, shards=2)
+    for i in range(3):
+        tuned = _finetune(base_tensors, seed=i)
+        del tuned[HEAD]  # saved tied, and as one file: a symlink to a blob without a suffix
+        _cache_model(hub_cache, f"me/llama-t{i}", tuned)
+    (tmp_path / "tasks.txt").write_text("t1 = me/llama-t1\n  t2=me/llama-t2@main  \n")
+    store = str(tmp_path / "store")
+    assert main(["init", store, "--base", "meta/llama", "--rank", "2"]) == 0
+    assert main(["ingest", store, "t0=me/llama-t0", "--list", str(tmp_path / "tasks.txt"), "--base", "meta/llama",
+                 "-q", "--device", "cpu"]) == 0, capsys.readouterr().err
+    meta = Store.open(store).meta
+    assert meta["base"]["path"] == str(base)
+    assert meta["tasks"]["t0"]["source"]["path"] == str(hub_cache / "models--me--llama-t0" / "snapshots" / COMMIT)
+    assert main(["compact", store, "-q", "--device", "cpu"]) == 0
+    assert {t["refit_from"] for t in Store.open(store).meta["tasks"].values()} == {"original"}
+    capsys.readouterr()
+    assert main(["ingest", store, "t3=me/absent", "-q", "--device", "cpu"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("tvbase: error: 'me/absent' is not a local path") and err.count("\n") == 1
+
+
+def test_an_index_linking_out_of_a_plain_folder_is_refused(tmp_path):
+    tensors = _llama()
+    directory = tmp_path / "ckpt"
+    _save_shards(tensors, tmp_path / "elsewhere", [sorted(tensors)[:3], sorted(tensors)[3:]])
+    directory.mkdir()
+    for shard in (tmp_path / "elsewhere").glob("*.safetensors"):  # the shards inside, the index outside
+        shard.rename(directory / shard.name)
+    (directory / "model.safetensors.index.json").symlink_to(tmp_path / "elsewhere" / "model.safetensors.index.json")
+    with pytest.raises(InvalidInputError, match=r"index .* outside the checkpoint directory .*\(a link out of it"):
+        Checkpoint.open(directory)

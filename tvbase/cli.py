@@ -55,7 +55,14 @@ def parse_memory(text):
 
 
 def parse_items(pairs, list_file):
-    """NAME=PATH arguments (and lines of a list file) -> dict, names in order given."""
+    """NAME=PATH arguments (and lines of a list file) -> dict, names in order given.
+
+    Spaces around the ``=`` and at either end are dropped (``math = ckpts/math.safetensors``).
+    A relative path in a list file is taken relative to the file, except a hub id
+    (``org/name[@revision]``, a model in the Hugging Face cache) with no such path beside it.
+    """
+    from .io.hub import is_hub_id
+
     entries = [(p, None) for p in pairs]
     if list_file:
         path = Path(list_file)
@@ -67,14 +74,15 @@ def parse_items(pairs, list_file):
                 entries.append((line, path.parent))
     items = {}
     for entry, relative_to in entries:
-        name, sep, location = entry.partition("=")
-        if not sep or not location:
+        name, sep, text = (part.strip() for part in entry.partition("="))
+        if not sep or not name or not text:
             raise InvalidInputError(f"{entry!r} is not NAME=PATH (for example math=ckpts/math.safetensors)")
         if name in items:
             raise AlreadyExistsError(f"task name {name!r} is given twice; each task needs its own name")
-        location = Path(location)
+        location = Path(text)
         if relative_to is not None and not location.is_absolute():
-            location = relative_to / location
+            beside = relative_to / location
+            location = beside if beside.exists() or not is_hub_id(text) else location
         items[name] = location
     return items
 

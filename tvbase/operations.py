@@ -6,11 +6,11 @@ commit). Everything that can be refused is refused before the fit starts.
 """
 
 import math
-from pathlib import Path
 
 from .devices import resolve_device
 from .errors import AlreadyExistsError, InvalidInputError, TvbaseError
 from .format import drop_tasks, write_fit
+from .io.hub import absolute_path, resolve_model_path
 from .io.sources import StoredTask, TaskVectors, open_task
 from .methods import FitParams, get_method
 from .names import validate_task_name
@@ -45,6 +45,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         validate_task_name(name)
         if name in store.meta["tasks"]:
             raise AlreadyExistsError(f"task {name!r} already exists in {store.path}; remove it first or choose another name")
+    items = {name: resolve_model_path(path) for name, path in items.items()}  # hub ids -> cache folders
     requested = get_method(method)
     first = not store.meta["tasks"]
     # a method with a growth method (tvbase) fits an empty store and grows it another way until
@@ -65,7 +66,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         for name, path in items.items():
             sources[name] = open_task(path, base_checkpoint, store.meta["base"]["tensors"], f"task {name!r} ({path})")
         result = estimator.fit(TaskVectors(sources), list(items), store.shapes).result_
-        recorded = {name: {"path": str(Path(p).resolve()), "hash": sources[name].hash} for name, p in items.items()}
+        recorded = {name: {"path": str(absolute_path(p)), "hash": sources[name].hash} for name, p in items.items()}
     finally:
         for source in sources.values():
             source.close()

@@ -4,7 +4,9 @@ A :class:`Checkpoint` is a read-only, lazy view of one checkpoint, either a sing
 or a directory of shards with a Hugging Face ``model.safetensors.index.json``. Everything that can be
 checked without reading tensor data is checked in :meth:`Checkpoint.open`, so later code trusts it:
 the safetensors headers are parsed and validated by our own code before the file reaches the
-safetensors library, shard paths may not escape the directory, and pickle checkpoints are refused.
+safetensors library, shard paths may not escape the directory (a snapshot folder of the Hugging
+Face cache may link into its own cache entry's ``blobs/``, see :mod:`tvbase.io.hub`), and pickle
+checkpoints are refused.
 
 :func:`check_compatible` compares a checkpoint with the store's base model and :func:`task_vector`
 turns one tensor of a fine-tune into ``finetuned - base``, computed in fp32 whatever the float
@@ -28,6 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
+
+from .hub import cache_blobs
 
 __all__ = ["Checkpoint", "check_compatible", "task_vector"]
 
@@ -109,6 +113,9 @@ class Checkpoint:
         path : str or os.PathLike
             A ``.safetensors`` file; a directory with ``model.safetensors.index.json`` and its
             shards; a directory holding exactly one ``.safetensors`` file; or the index file itself.
+            A directory may be a snapshot folder of the Hugging Face cache, whose files link into
+            the cache entry's ``blobs/``. (A hub id is resolved to such a folder by
+            :func:`tvbase.io.hub.resolve_model_path`, not here.)
 
         Returns
         -------
@@ -120,7 +127,8 @@ class Checkpoint:
             If ``path`` does not exist.
         InvalidInputError
             If the checkpoint is a pickle format, a header or index is malformed or truncated, a
-            shard is missing or lies outside the directory, or it holds no tensors.
+            shard is missing or lies outside the directory (or its cache entry's blobs), or it
+            holds no tensors.
         """
         path = Path(path)
         if not path.exists():
@@ -487,6 +495,7 @@ def _open_directory(directory: Path) -> dict[str, _Entry]:
             f"({', '.join(index.name for index in indexes)}): expected one; pass the index file to open."
         )
     if indexes:
+        _check_inside(indexes[0], directory, what="index")
         return _read_index(indexes[0], directory)
     # Hidden files are editor or OS droppings (e.g. macOS "._model.safetensors"), never weights.
     weights = sorted(p for p in directory.glob("*.safetensors") if not p.name.startswith("."))
@@ -529,11 +538,24 @@ def _refuse_non_safetensors(file: Path) -> None:
 
 
 def _check_inside(file: Path, directory: Path, what: str) -> None:
-    # A symlink may point anywhere; only what lies inside the checkpoint directory is part of it.
-    if not file.resolve().is_relative_to(directory.resolve()):
+    # A symlink may point anywhere; only what lies inside the checkpoint directory is part of it,
+    # and, for a snapshot folder of the Hugging Face cache, its own cache entry's blobs/.
+    target = file.resolve()
+    if target.is_relative_to(directory.resolve()):
+        return
+    blobs = cache_blobs(directory)
+    if blobs is None:
         raise InvalidInputError(
-            f"{what} {str(file)!r} resolves to {str(file.resolve())!r}, outside the checkpoint directory "
-            f"{str(directory)!r}: shards must lie inside it; copy the real files into the directory."
+            f"{what} {str(file)!r} resolves to {str(target)!r}, outside the checkpoint directory "
+            f"{str(directory)!r}: a checkpoint's files must lie inside it (a link out of it could pull in "
+            "any file); copy the real files into the directory."
+        )
+    if not target.is_relative_to(blobs):
+        raise InvalidInputError(
+            f"{what} {str(file)!r} resolves to {str(target)!r}, outside the checkpoint directory "
+            f"{str(directory)!r} and outside {str(blobs)!r}, the blobs folder of its Hugging Face cache entry: "
+            "a cached model's files may only link into their own entry's blobs; download the model "
+            "again, or copy the real files into the directory."
         )
 
 
