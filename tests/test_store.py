@@ -21,13 +21,14 @@ from tvbase.errors import (
     InvalidInputError,
     NotFoundError,
     StoreLockedError,
+    TvbaseWarning,
 )
+from tvbase.io.checkpoint import Checkpoint
 from tvbase.methods import FitParams
 from tvbase.names import validate_task_name
 from tvbase.repository import WriterLock
 from tvbase.store import Store
 from tvbase.testing.metrics import relative_error
-
 
 # Loose "it rebuilt the right thing" bound for stores with the default (int4) factors: a wrong or
 # missing tensor gives ~1; tight bounds live in test_factorize.py (fp32 / pinned bits).
@@ -415,6 +416,33 @@ def test_duplicate_task_name_in_one_command(populated_copy, zoo, snapshot_state,
     assert code == 5  # AlreadyExistsError
     assert capsys.readouterr().err.startswith("tvbase: error: task name 'x' is given twice")
     assert snapshot_state(populated_copy) == before
+
+
+def test_same_content_under_a_new_name_warns_and_is_ingested(populated_copy, zoo):
+    store = Store.open(populated_copy)
+    with pytest.warns(TvbaseWarning) as caught:
+        store.ingest({"again": zoo.tasks["a0"], "fresh": zoo.tasks["c_new"], "twice": zoo.tasks["c_new"]},
+                     device="cpu", progress=False)  # fmt: skip
+    messages = sorted(str(w.message) for w in caught if w.category is TvbaseWarning)
+    assert len(messages) == 3  # c_new is stored too; the second copy in this ingest is named after the first
+    assert messages[0].startswith("task 'again' has the same content as stored task 'a0' (content hash ")
+    assert messages[1].startswith("task 'fresh' has the same content as stored task 'c_new'")
+    assert messages[2].startswith("task 'twice' has the same content as stored task 'c_new'")
+    assert {"again", "fresh", "twice"} <= set(Store.open(populated_copy).tasks)
+
+
+def test_same_content_within_one_ingest_warns_through_the_cli(fresh_store, zoo, capsys):
+    code = main(["ingest", str(fresh_store.path), f"x={zoo.tasks['a0']}", f"y={zoo.tasks['a0']}",
+                 f"z={zoo.tasks['b0']}", "-q", "--device", "cpu"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    with Checkpoint.open(zoo.tasks["a0"]) as checkpoint:
+        digest = checkpoint.fingerprint()["hash"][:12]
+    assert err.splitlines() == [  # one line, no file name or source line as Python's default shows
+        f"tvbase: warning: task 'y' has the same content as task 'x' of this ingest (content hash {digest}...); "
+        "ingesting it anyway under its own name: `tvbase rm STORE y` removes it if it was a mistake"
+    ]
+    assert Store.open(fresh_store.path).tasks == ["x", "y", "z"]
 
 
 BAD_NAMES = ["../x", "a/b", "", "..", ".hidden", "-x", "a\nb", "n" * 200, "a b", "x;rm"]

@@ -12,12 +12,19 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from ._version import __version__
 from .bench import DESCRIPTIONS
 from .codec.bits import parse_bits
-from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, exit_code
+from .errors import (
+    AlreadyExistsError,
+    InvalidInputError,
+    TvbaseError,
+    TvbaseWarning,
+    exit_code,
+)
 from .methods.params import FitParams
 from .methods.registry import METHODS, get_method
 
@@ -470,6 +477,18 @@ BENCHMARKS = {
 }
 
 
+def _warning_printer(show):
+    """``warnings.showwarning`` that prints tvbase's warnings as one line on stderr, like errors."""
+
+    def print_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TvbaseWarning):
+            print(f"tvbase: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return print_warning
+
+
 def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -482,7 +501,10 @@ def main(argv=None):
         args = parser.parse_args(argv)
     args.argv = argv
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # restores the warning filters and showwarning on exit
+            warnings.simplefilter("always", TvbaseWarning)
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            args.func(args)
     except TvbaseError as e:
         print(f"tvbase: error: {e}", file=sys.stderr)
         return exit_code(e)

@@ -6,9 +6,10 @@ commit). Everything that can be refused is refused before the fit starts.
 """
 
 import math
+import warnings
 
 from .devices import resolve_device
-from .errors import AlreadyExistsError, InvalidInputError, TvbaseError
+from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, TvbaseWarning
 from .format import drop_tasks, write_fit
 from .io.hub import absolute_path, resolve_model_path
 from .io.sources import StoredTask, TaskVectors, open_task
@@ -65,6 +66,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
     try:
         for name, path in items.items():
             sources[name] = open_task(path, base_checkpoint, store.meta["base"]["tensors"], f"task {name!r} ({path})")
+        _warn_same_content(store.meta["tasks"], sources)
         result = estimator.fit(TaskVectors(sources), list(items), store.shapes).result_
         recorded = {name: {"path": str(absolute_path(p)), "hash": sources[name].hash} for name, p in items.items()}
     finally:
@@ -79,6 +81,24 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         if grows and first:  # the first fit of the store's own method sets its defaults
             meta["params"] = params.to_dict()
     return store.version
+
+
+def _warn_same_content(stored, sources):
+    """Warn of each new task whose input has the content hash of a stored task or of an earlier
+    one of this ingest: usually one checkpoint given twice. It is still ingested, under its name."""
+    seen = {task["source"]["hash"]: f"stored task {name!r}" for name, task in sorted(stored.items()) if task["source"].get("hash")}
+    for name, source in sources.items():
+        if source.hash is None:
+            continue
+        if source.hash in seen:
+            warnings.warn(
+                f"task {name!r} has the same content as {seen[source.hash]} (content hash {source.hash[:12]}...); "
+                f"ingesting it anyway under its own name: `tvbase rm STORE {name}` removes it if it was a mistake",
+                TvbaseWarning,
+                stacklevel=4,  # the caller of Store.ingest
+            )
+        else:
+            seen[source.hash] = f"task {name!r} of this ingest"
 
 
 def rm(store, names, wait=0.0):

@@ -189,6 +189,10 @@ class Store:
         tasks; later ingests store each new task as a per-task truncated SVD until ``compact``.
         A seed method fits one basis over the tasks of this ingest, stored at fp32 unless
         ``params`` says otherwise, as in the paper.
+
+        A task whose input has the content hash of a stored task (or of another task of this
+        ingest) is ingested all the same, with a :class:`~tvbase.errors.TvbaseWarning` naming
+        that task: it is usually one checkpoint given twice.
         """
         from . import operations
 
