@@ -337,7 +337,12 @@ def test_hub_ids_through_the_cli(hub_cache, tmp_path, capsys):
     capsys.readouterr()
     assert main(["ingest", store, "t3=me/absent", "-q", "--device", "cpu"]) == 3
     err = capsys.readouterr().err
-    assert err.startswith("tvbase: error: 'me/absent' is not a local path") and err.count("\n") == 1
+    assert err.startswith("tvbase: error: 'me/absent' is neither a local file or folder") and err.count("\n") == 1
+    (tmp_path / "more.txt").write_text("t3 = me/absent@v2\n")
+    assert main(["ingest", store, "--list", str(tmp_path / "more.txt"), "-q", "--device", "cpu"]) == 3
+    err = capsys.readouterr().err
+    assert f"there is no {str(tmp_path / 'me' / 'absent@v2')!r}" in err  # looked for beside the list
+    assert f"there is no {str(hub_cache / 'models--me--absent')!r}" in err  # and in the cache
 
 
 def test_an_index_linking_out_of_a_plain_folder_is_refused(tmp_path):

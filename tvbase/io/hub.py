@@ -38,7 +38,7 @@ def is_hub_id(text: str | os.PathLike) -> bool:
     return match is not None and ".." not in (match["revision"] or "").split("/")
 
 
-def resolve_model_path(path: str | os.PathLike) -> Path:
+def resolve_model_path(path: str | os.PathLike, relative_to: str | os.PathLike | None = None) -> Path:
     """Where a base or checkpoint named by the user is: a local path, or a cached hub model.
 
     Parameters
@@ -46,12 +46,14 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     path : str or os.PathLike
         A local file or folder, or a hub id ``ORG/NAME`` or ``ORG/NAME@REVISION`` (branch, tag
         or commit hash; default ``main``). A local path that exists always wins.
+    relative_to : str or os.PathLike, optional
+        The folder a relative local path is relative to (a list file's); default the current one.
 
     Returns
     -------
     Path
-        ``path`` itself when it exists or is not a hub id (opening it then says what is wrong),
-        else the snapshot folder ``CACHE/models--ORG--NAME/snapshots/COMMIT`` of that revision.
+        The local path when it exists or ``path`` is not a hub id (opening it then says what is
+        wrong), else the snapshot folder ``CACHE/models--ORG--NAME/snapshots/COMMIT``.
 
     Raises
     ------
@@ -61,7 +63,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     InvalidInputError
         If the cache entry's ref is malformed.
     """
-    local = Path(path)
+    local = Path(relative_to or "", path)
     if local.exists() or not is_hub_id(path):
         return local
     match = _HUB_ID.fullmatch(os.fspath(path))
@@ -83,8 +85,9 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         return snapshot
     where = f"{str(entry)!r} holds no revision {revision!r}" if entry.is_dir() else f"there is no {str(entry)!r}"
     raise NotFoundError(
-        f"{os.fspath(path)!r} is not a local path, and as a Hugging Face hub id it is not in the local cache "
-        f"({where}; the cache is $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub). tvbase "
+        f"{os.fspath(path)!r} is neither a local file or folder (there is no {str(local)!r}) nor a model in "
+        f"the local Hugging Face cache ({where}; the cache is $HF_HUB_CACHE, else $HF_HOME/hub, else "
+        "~/.cache/huggingface/hub). Check the path; for a hub model, tvbase "
         "never downloads: fetch it first (e.g. `huggingface-cli download ORG/NAME`), point HF_HUB_CACHE at "
         "your cache, or pass the model's local folder."
     )
