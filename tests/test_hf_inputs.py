@@ -355,3 +355,36 @@ def test_an_index_linking_out_of_a_plain_folder_is_refused(tmp_path):
     (directory / "model.safetensors.index.json").symlink_to(tmp_path / "elsewhere" / "model.safetensors.index.json")
     with pytest.raises(InvalidInputError, match=r"index .* outside the checkpoint directory .*\(a link out of it"):
         Checkpoint.open(directory)
+
+
+def test_equal_constant_tensors_are_not_taken_for_ties(tmp_path):
+    base_tensors = _llama(tied=False)
+    base_tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(8)
+    base_tensors["model.layers.0.self_attn.k_proj.bias"] = torch.zeros(8)  # equal to q's, but by coincidence
+    tuned = _finetune(base_tensors)
+    del tuned["model.layers.0.self_attn.k_proj.bias"]
+    with pytest.raises(BaseMismatchError, match="1 missing tensor: 'model.layers.0.self_attn.k_proj.bias'"):
+        _source(_save(base_tensors, tmp_path / "b.safetensors"), _save(tuned, tmp_path / "t.safetensors"))
+
+
+@pytest.mark.parametrize("case", ["differs in the last element", "zeros but the last element"])
+def test_ties_are_decided_over_every_byte_of_a_large_tensor(tmp_path, case):
+    # 200 x 256 float32 is 200 KiB: compared in chunks of 64, 128 and then 8 KiB
+    base_tensors = _llama()
+    embed = torch.randn(200, 256) if case == "differs in the last element" else torch.zeros(200, 256)
+    head = embed.clone()
+    if case == "differs in the last element":
+        head[-1, -1] += 1.0
+    else:
+        embed[-1, -1] = head[-1, -1] = 1.0
+    base_tensors.update({EMBED: embed, HEAD: head})
+    tuned = _finetune(base_tensors)
+    del tuned[HEAD]
+    base_path, tuned_path = _save(base_tensors, tmp_path / "b.safetensors"), _save(tuned, tmp_path / "t.safetensors")
+    if case == "differs in the last element":
+        with pytest.raises(BaseMismatchError, match="1 missing tensor: 'lm_head.weight'"):
+            _source(base_path, tuned_path)
+    else:
+        base, source = _source(base_path, tuned_path)
+        assert torch.equal(source.tensor(HEAD), tuned[EMBED] - embed)
+        source.close(), base.close()

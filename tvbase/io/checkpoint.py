@@ -307,8 +307,8 @@ def check_compatible(reference: dict, checkpoint: Checkpoint, label: str, base: 
     - a float tensor may have another float dtype (F32, F16, BF16, F64, ...): task vectors are
       computed in fp32 (see :func:`task_vector`);
     - a tensor may be missing when the base ties it to a tensor the fine-tune has (same shape,
-      dtype and bytes in the base, as transformers saves ``lm_head.weight`` tied to
-      ``model.embed_tokens.weight``); its delta is the delta of that tensor;
+      dtype and bytes in the base, and not constant, as transformers saves ``lm_head.weight``
+      tied to ``model.embed_tokens.weight``); its delta is the delta of that tensor;
     - a tensor the base lacks may be present when the fine-tune ties it to a tensor the base has
       (same shape, dtype and bytes in the fine-tune): a base saved tied gets its tie back on load,
       so the copy carries nothing and is never read. An untied one (other bytes) is refused;
@@ -350,11 +350,10 @@ def check_compatible(reference: dict, checkpoint: Checkpoint, label: str, base: 
     tied = {}
     if base is not None:
         for name in missing:
-            tied_to = next((other for other in shared if base.same_content(name, other)), None)
-            if tied_to is not None:
+            if (tied_to := _tied_to(base, name, shared)) is not None:
                 tied[name] = tied_to
         missing = [name for name in missing if name not in tied]
-        extra = [name for name in extra if not any(checkpoint.same_content(name, other) for other in shared)]
+        extra = [name for name in extra if _tied_to(checkpoint, name, shared) is None]
     shapes, dtypes = [], []
     for name in shared:
         shape, dtype = checkpoint.spec(name)
@@ -439,6 +438,35 @@ def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) 
             f"out of {tuned.numel()}; the fine-tune diverged or was saved incorrectly: fix or retrain it."
         )
     return (tuned - base.get(name, dtype=work_dtype)).to(torch.float32)
+
+
+def _tied_to(checkpoint: Checkpoint, name: str, candidates: list[str]) -> str | None:
+    """The first of ``candidates`` with the shape, dtype and bytes of tensor ``name``, or None.
+
+    A constant tensor (all zeros, all ones) is never taken as tied: two of them are equal by
+    coincidence, and taking one for the other would hide a tensor that is really missing.
+    """
+    other = next((candidate for candidate in candidates if checkpoint.same_content(name, candidate)), None)
+    return None if other is None or _is_constant(checkpoint, name) else other
+
+
+def _is_constant(checkpoint: Checkpoint, name: str) -> bool:
+    """Whether every element of a tensor has the bytes of the first (read until one differs)."""
+    entry = checkpoint._entry(name)
+    size, width = entry.end - entry.begin, max(1, _DTYPE_BITS[entry.dtype] // 8)
+    if size <= width:
+        return True
+    first = bytearray(width)
+    checkpoint._read_into(entry.file, entry.begin, memoryview(first))
+    done, chunk = 0, _FIRST_COMPARE_BYTES  # powers of two: whole elements in every chunk
+    while done < size:
+        step = min(chunk, size - done)
+        block = bytearray(step)
+        checkpoint._read_into(entry.file, entry.begin + done, memoryview(block))
+        if block != first * (step // width):
+            return False
+        done, chunk = done + step, min(2 * chunk, _HASH_CHUNK_BYTES)
+    return True
 
 
 def _same_non_float(base: Checkpoint, finetuned: Checkpoint, name: str) -> bool:
