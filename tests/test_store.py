@@ -423,12 +423,24 @@ def test_same_content_under_a_new_name_warns_and_is_ingested(populated_copy, zoo
     with pytest.warns(TvbaseWarning) as caught:
         store.ingest({"again": zoo.tasks["a0"], "fresh": zoo.tasks["c_new"], "twice": zoo.tasks["c_new"]},
                      device="cpu", progress=False)  # fmt: skip
-    messages = sorted(str(w.message) for w in caught if w.category is TvbaseWarning)
+    ours = [w for w in caught if w.category is TvbaseWarning]
+    messages = sorted(str(w.message) for w in ours)
     assert len(messages) == 3  # c_new is stored too; the second copy in this ingest is named after the first
     assert messages[0].startswith("task 'again' has the same content as stored task 'a0' (content hash ")
     assert messages[1].startswith("task 'fresh' has the same content as stored task 'c_new'")
     assert messages[2].startswith("task 'twice' has the same content as stored task 'c_new'")
     assert {"again", "fresh", "twice"} <= set(Store.open(populated_copy).tasks)
+    assert {w.filename for w in ours} == {__file__}  # the warnings point at the caller of Store.ingest
+
+
+def test_a_refused_ingest_does_not_warn_of_same_content(populated_copy, zoo, snapshot_state, recwarn):
+    before = snapshot_state(populated_copy)
+    with pytest.raises(AlreadyExistsError):
+        Store.open(populated_copy).ingest({"again": zoo.tasks["a0"], "a0": zoo.tasks["a0"]}, progress=False)
+    with WriterLock(populated_copy / "writer.lock"), pytest.raises(StoreLockedError):
+        Store.open(populated_copy).ingest({"again": zoo.tasks["a0"]}, device="cpu", progress=False)
+    assert not [w for w in recwarn if w.category is TvbaseWarning]
+    assert snapshot_state(populated_copy) == before
 
 
 def test_same_content_within_one_ingest_warns_through_the_cli(fresh_store, zoo, capsys):
@@ -440,7 +452,7 @@ def test_same_content_within_one_ingest_warns_through_the_cli(fresh_store, zoo, 
         digest = checkpoint.fingerprint()["hash"][:12]
     assert err.splitlines() == [  # one line, no file name or source line as Python's default shows
         f"tvbase: warning: task 'y' has the same content as task 'x' of this ingest (content hash {digest}...); "
-        "ingesting it anyway under its own name: `tvbase rm STORE y` removes it if it was a mistake"
+        "it was ingested all the same, under its own name: `tvbase rm STORE y` removes it if that was a mistake"
     ]
     assert Store.open(fresh_store.path).tasks == ["x", "y", "z"]
 

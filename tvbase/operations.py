@@ -66,7 +66,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
     try:
         for name, path in items.items():
             sources[name] = open_task(path, base_checkpoint, store.meta["base"]["tensors"], f"task {name!r} ({path})")
-        _warn_same_content(store.meta["tasks"], sources)
+        duplicates = _same_content(store.meta["tasks"], sources)
         result = estimator.fit(TaskVectors(sources), list(items), store.shapes).result_
         recorded = {name: {"path": str(absolute_path(p)), "hash": sources[name].hash} for name, p in items.items()}
     finally:
@@ -80,25 +80,28 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         write_fit(root, meta, result, store.shapes, params, recorded, append=True)
         if grows and first:  # the first fit of the store's own method sets its defaults
             meta["params"] = params.to_dict()
+    for message in duplicates:  # once committed: a refused ingest has nothing to warn of
+        warnings.warn(message, TvbaseWarning, stacklevel=3)  # names the caller of Store.ingest
     return store.version
 
 
-def _warn_same_content(stored, sources):
-    """Warn of each new task whose input has the content hash of a stored task or of an earlier
-    one of this ingest: usually one checkpoint given twice. It is still ingested, under its name."""
+def _same_content(stored, sources):
+    """Warnings for each new task whose input has the content hash of a stored task or of an
+    earlier one of this ingest: usually one checkpoint given twice (it is ingested all the same)."""
     seen = {task["source"]["hash"]: f"stored task {name!r}" for name, task in sorted(stored.items()) if task["source"].get("hash")}
+    messages = []
     for name, source in sources.items():
         if source.hash is None:
             continue
         if source.hash in seen:
-            warnings.warn(
+            messages.append(
                 f"task {name!r} has the same content as {seen[source.hash]} (content hash {source.hash[:12]}...); "
-                f"ingesting it anyway under its own name: `tvbase rm STORE {name}` removes it if it was a mistake",
-                TvbaseWarning,
-                stacklevel=4,  # the caller of Store.ingest
+                f"it was ingested all the same, under its own name: `tvbase rm STORE {name}` removes it if that "
+                "was a mistake"
             )
         else:
             seen[source.hash] = f"task {name!r} of this ingest"
+    return messages
 
 
 def rm(store, names, wait=0.0):
