@@ -113,7 +113,7 @@ def test_float_against_integer_is_still_a_dtype_mismatch(tmp_path):
 
 def test_bf16_finetunes_of_an_fp32_base_through_the_cli(zoo, tmp_path, capsys):
     store = tmp_path / "store"
-    assert main(["init", str(store), "--base", str(zoo.base), "--budget", "50%"]) == 0
+    assert main(["init", str(store), "--base", str(zoo.base), "--rank", "3"]) == 0
     items = [f"{task}={path}" for task, path in zoo.bf16_tasks.items()]
     assert main(["ingest", str(store), *items, "-q", "--device", "cpu"]) == 0, capsys.readouterr().err
     base = load_file(zoo.base)
