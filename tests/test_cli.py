@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from tvbase.arithmetic import parse_expression
-from tvbase.cli import main
+from tvbase.cli import main, parse_items
 from tvbase.errors import EXIT_CODES, AlreadyExistsError, InvalidInputError, NotFoundError, StoreLockedError
 from tvbase.repository import WriterLock
 from tvbase.store import Store
@@ -258,6 +258,22 @@ def test_ingest_nothing(cli_copy, capsys):
 
 def test_ingest_malformed_item(cli_copy, capsys):
     assert "NAME=PATH" in _fails(capsys, ["ingest", cli_copy, "just-a-path.safetensors"], 4)
+    assert "NAME=PATH" in _fails(capsys, ["ingest", cli_copy, " = x.safetensors"], 4)
+
+
+def test_list_lines_may_have_spaces_around_the_equals_sign(tmp_path):
+    for folder in ("code", "local"):  # they must exist: a missing org/name path would be looked up as a hub id
+        (tmp_path / "ckpts" / folder).mkdir(parents=True)
+    (tmp_path / "ckpts" / "math.safetensors").touch()
+    lines = ["math = ckpts/math.safetensors", "\tcode=  ckpts/code/  ", "  # a comment", "", "local = ckpts/local"]
+    (tmp_path / "tasks.txt").write_text("\n".join(lines))
+    items = parse_items(["cli = x.safetensors "], tmp_path / "tasks.txt")
+    assert items == {
+        "cli": Path("x.safetensors"),
+        "math": tmp_path / "ckpts" / "math.safetensors",  # relative to the list file
+        "code": tmp_path / "ckpts" / "code",
+        "local": tmp_path / "ckpts" / "local",  # shaped like a hub id, but there beside the list
+    }
 
 
 # -- error exit codes ----------------------------------------------------------------------------

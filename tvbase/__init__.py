@@ -11,6 +11,7 @@ from .errors import (
     NotFoundError,
     StoreLockedError,
     TvbaseError,
+    TvbaseWarning,
 )
 from .methods.params import FitParams
 
@@ -44,6 +45,7 @@ __all__ = [
     "Store",
     "StoreLockedError",
     "TvbaseError",
+    "TvbaseWarning",
     "open_store",
     "parse_expression",
 ]

@@ -12,15 +12,24 @@ import argparse
 import json
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from ._version import __version__
 from .bench import DESCRIPTIONS
 from .codec.bits import parse_bits
-from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, exit_code
+from .errors import (
+    AlreadyExistsError,
+    InvalidInputError,
+    TvbaseError,
+    TvbaseWarning,
+    exit_code,
+)
 from .methods.params import FitParams
 from .methods.registry import METHODS, get_method
 from .recipe import DTYPES  # light: PyYAML is imported only when a recipe is read
+MODEL_FORMS = ("a .safetensors file, a folder of shards with model.safetensors.index.json, or the hub id "
+               "org/name[@revision] of a model in the local Hugging Face cache (never downloaded)")
 
 
 def parse_budget(text):
@@ -54,7 +63,14 @@ def parse_memory(text):
 
 
 def parse_items(pairs, list_file):
-    """NAME=PATH arguments (and lines of a list file) -> dict, names in order given."""
+    """NAME=PATH arguments (and lines of a list file) -> dict, names in order given.
+
+    Spaces around the ``=`` and at either end are dropped (``math = ckpts/math.safetensors``).
+    A relative path in a list file is taken relative to the file; a hub id (``org/name[@revision]``)
+    with no such path beside it names a model in the Hugging Face cache.
+    """
+    from .io.hub import resolve_model_path
+
     entries = [(p, None) for p in pairs]
     if list_file:
         path = Path(list_file)
@@ -66,15 +82,14 @@ def parse_items(pairs, list_file):
                 entries.append((line, path.parent))
     items = {}
     for entry, relative_to in entries:
-        name, sep, location = entry.partition("=")
-        if not sep or not location:
+        name, sep, text = (part.strip() for part in entry.partition("="))
+        if not sep or not name or not text:
             raise InvalidInputError(f"{entry!r} is not NAME=PATH (for example math=ckpts/math.safetensors)")
         if name in items:
             raise AlreadyExistsError(f"task name {name!r} is given twice; each task needs its own name")
-        location = Path(location)
-        if relative_to is not None and not location.is_absolute():
-            location = relative_to / location
-        items[name] = location
+        # a list's paths are relative to the list; a hub id is looked up now, so that a missing
+        # one is reported with the path it was looked for beside the list
+        items[name] = Path(text) if relative_to is None else resolve_model_path(text, relative_to)
     return items
 
 
@@ -337,8 +352,10 @@ def cmd_bench_memory_accuracy(args):
     run_from_args(args, shlex.join(["tvbase", *map(str, args.argv)]))
 
 
-def _add_fit_options(p):
-    g = p.add_argument_group("factorization")
+def _add_fit_options(p, store_defaults=False):
+    # ingest and compact start from the store's recorded parameters, not from init's defaults
+    note = "an option left out takes the store's recorded value (from init, the first ingest or the last compact)" if store_defaults else None
+    g = p.add_argument_group("factorization", note)
     g.add_argument("--budget", help="stored bytes as a fraction of raw fp32 task vectors, e.g. 3%% or 0.03 (default 3%%)")
     g.add_argument("--rank", type=int, help="explicit rank for every matrix instead of a budget")
     g.add_argument("--residual-rank", type=int, help="with --rank: per-task residual rank on top of the shared fit")
@@ -372,34 +389,40 @@ def build_parser():
         p.add_argument("--at", metavar="VERSION", help="read this version (id, unique prefix or tag) instead of the latest")
 
     def writer(p):
-        p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for another writer's lock")
+        p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="wait this long for another writer's lock (default: %(default)s, refuse at once)")
 
     def listing(p):
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    def store(p):
+        p.add_argument("store", help="the store: a directory made by `tvbase init`")
+
     p = command("init", cmd_init, "create a store for one base model")
-    p.add_argument("store")
-    p.add_argument("--base", required=True, help="base model: .safetensors file or sharded directory")
+    p.add_argument("store", help="directory to create the store in (must not exist, or be empty)")
+    p.add_argument("--base", required=True, help=f"base model: {MODEL_FORMS}")
     _add_fit_options(p)
 
     p = command("ingest", cmd_ingest, "add fine-tuned checkpoints as tasks (one commit)")
-    p.add_argument("store")
-    p.add_argument("items", nargs="*", metavar="NAME=PATH")
-    p.add_argument("--list", metavar="FILE", help="file with one NAME=PATH per line (paths relative to the file)")
-    p.add_argument("--base", help="where the base model is now, if it moved since init")
+    store(p)
+    p.add_argument("items", nargs="*", metavar="NAME=PATH", help=f"a task's name and its fine-tune: {MODEL_FORMS}")
+    p.add_argument("--list", metavar="FILE", help="file with one NAME=PATH per line (paths relative to the file; "
+                   "spaces around '=', blank lines and lines starting with # are ignored)")
+    p.add_argument("--base", help="where the base model is now, if it moved since init (a path or hub id; "
+                   "default: the path recorded by init)")
     p.add_argument(
         "--method", default="tvbase", choices=list(METHODS), metavar="METHOD",
         help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()) + " (default tvbase)",
     )
     p.add_argument("--components", type=int, metavar="M", help="seed methods: number of basis vectors (default T/2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _add_fit_options(p)
+    _add_fit_options(p, store_defaults=True)
     _add_memory_option(p)
     device(p), writer(p), listing(p)
 
     p = command("get", cmd_get, "rebuild one task vector into a safetensors file")
-    p.add_argument("store")
-    p.add_argument("name")
+    store(p)
+    p.add_argument("name", help="the task to rebuild (see `tvbase ls`)")
     p.add_argument("-o", "--output", required=True, help="output .safetensors file (or directory for shards)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written tensors (default: %(default)s)")
     device(p), reader(p)
@@ -449,36 +472,37 @@ def build_parser():
     device(p), reader(p), listing(p)
 
     p = command("ls", cmd_ls, "list tasks: cluster, stored bytes, relative error")
-    p.add_argument("store")
+    store(p)
     reader(p), listing(p)
 
     p = command("info", cmd_info, "store summary: size on disk against raw fp32")
-    p.add_argument("store")
+    store(p)
     reader(p), listing(p)
 
     p = command("log", cmd_log, "list versions, newest first")
-    p.add_argument("store")
+    store(p)
     listing(p)
 
     p = command("rm", cmd_rm, "remove tasks (one commit; compact reclaims their bytes)")
-    p.add_argument("store")
-    p.add_argument("names", nargs="+")
+    store(p)
+    p.add_argument("names", nargs="+", metavar="NAME", help="tasks to remove")
     writer(p)
 
     p = command("compact", cmd_compact, "refit clusters and shared factors over all tasks (one commit)")
-    p.add_argument("store")
+    store(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--gc", type=int, metavar="KEEP", help="then expire all but the newest KEEP versions, as `tvbase gc --keep KEEP`")
-    _add_fit_options(p)
+    p.add_argument("--gc", type=int, metavar="KEEP", help="then expire all but the newest KEEP versions, as "
+                   "`tvbase gc --keep KEEP` (default: keep every version)")
+    _add_fit_options(p, store_defaults=True)
     _add_memory_option(p)
     device(p), writer(p), listing(p)
 
     p = command("verify", cmd_verify, "check every checksum, offset-table row and task's metadata")
-    p.add_argument("store")
+    store(p)
     reader(p), listing(p)
 
     p = command("gc", cmd_gc, "expire all but the newest N versions and delete what only they used")
-    p.add_argument("store")
+    store(p)
     p.add_argument("--keep", type=int, required=True, metavar="N", help="versions of main to keep (>= 1)")
     writer(p)
 
@@ -489,7 +513,8 @@ def build_parser():
 
     bench = sub.add_parser("bench", help="run a benchmark (default paths relative to the current directory)",
                            description="Run one of tvbase's benchmarks.")
-    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_LazyOptionsParser)
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", parser_class=_LazyOptionsParser,
+                                      help="the benchmark to run")
     for name, (description, add_options, func) in BENCHMARKS.items():
         p = benchmarks.add_parser(name, help=description, description=description, add_options=add_options)
         p.set_defaults(func=func)
@@ -535,6 +560,18 @@ BENCHMARKS = {
 }
 
 
+def _warning_printer(show):
+    """``warnings.showwarning`` that prints tvbase's warnings as one line on stderr, like errors."""
+
+    def print_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TvbaseWarning):
+            print(f"tvbase: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return print_warning
+
+
 def main(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -547,7 +584,10 @@ def main(argv=None):
         args = parser.parse_args(argv)
     args.argv = argv
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # restores the warning filters and showwarning on exit
+            warnings.simplefilter("always", TvbaseWarning)
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            args.func(args)
     except TvbaseError as e:
         print(f"tvbase: error: {e}", file=sys.stderr)
         return exit_code(e)

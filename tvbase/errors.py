@@ -1,6 +1,7 @@
 """One exception tree for tvbase.
 
-Every error a user can cause derives from :class:`TvbaseError`. Not-found errors are also
+Every error a user can cause derives from :class:`TvbaseError`; every warning from
+:class:`TvbaseWarning`. Not-found errors are also
 ``KeyError``, bad input is also ``ValueError``, so callers can catch what they mean. The CLI maps
 each class to an exit code (see ``EXIT_CODES``) and prints the message without a traceback.
 """
@@ -39,6 +40,10 @@ class FormatVersionError(TvbaseError):
 
 class StoreLockedError(TvbaseError):
     """Another writer holds the store's lock."""
+
+
+class TvbaseWarning(UserWarning):
+    """Something the user should know that does not stop the operation (the CLI prints one line)."""
 
 
 # CLI exit codes, one per kind of failure (2 is argparse's own usage error).

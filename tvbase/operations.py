@@ -6,11 +6,12 @@ commit). Everything that can be refused is refused before the fit starts.
 """
 
 import math
-from pathlib import Path
+import warnings
 
 from .devices import resolve_device
-from .errors import AlreadyExistsError, InvalidInputError, TvbaseError
+from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, TvbaseWarning
 from .format import drop_tasks, write_fit
+from .io.hub import absolute_path, resolve_model_path
 from .io.sources import LoraAdapter, StoredTask, TaskVectors, open_task
 from .methods import FitParams, get_method
 from .methods.lora import KIND as LORA_KIND
@@ -48,6 +49,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         validate_task_name(name)
         if name in store.meta["tasks"]:
             raise AlreadyExistsError(f"task {name!r} already exists in {store.path}; remove it first or choose another name")
+    items = {name: resolve_model_path(path) for name, path in items.items()}  # hub ids -> cache folders
     requested = get_method(method)
     first = not _fitted_tasks(store.meta)
     # a method with a growth method (tvbase) fits an empty store and grows it another way until
@@ -67,6 +69,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
     try:
         for name, path in items.items():
             sources[name] = open_task(path, base_checkpoint, store.meta["base"]["tensors"], f"task {name!r} ({path})")
+        duplicates = _same_content(store.meta["tasks"], sources)
         # LoRA adapters are stored from their own factors; the method fits the full fine-tunes
         adapters = {name: s for name, s in sources.items() if isinstance(s, LoraAdapter)}
         full = [name for name in items if name not in adapters]
@@ -74,7 +77,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         result.add(fit_lora(adapters, store.shapes, params))
         result.tasks = {name: result.tasks[name] for name in items}  # recorded in the order given
         _store_new_rows(result, sources, store.shapes)
-        recorded = {name: {"path": str(Path(p).resolve()), "hash": sources[name].hash} for name, p in items.items()}
+        recorded = {name: {"path": str(absolute_path(p)), "hash": sources[name].hash} for name, p in items.items()}
     finally:
         for source in sources.values():
             source.close()
@@ -86,6 +89,8 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         write_fit(root, meta, result, store.shapes, params, recorded, append=True)
         if grows and first and full:  # the first fit of the store's own method sets its defaults
             meta["params"] = params.to_dict()
+    for message in duplicates:  # once committed: a refused ingest has nothing to warn of
+        warnings.warn(message, TvbaseWarning, stacklevel=3)  # names the caller of Store.ingest
     return store.version
 
 
@@ -112,6 +117,25 @@ def _store_new_rows(result, sources, shapes):
 def _fitted_tasks(meta):
     """The tasks a method fitted (LoRA adapters are stored as they are, so they do not count)."""
     return [t for t, tm in meta["tasks"].items() if tm["kind"] != LORA_KIND]
+
+
+def _same_content(stored, sources):
+    """Warnings for each new task whose input has the content hash of a stored task or of an
+    earlier one of this ingest: usually one checkpoint given twice (it is ingested all the same)."""
+    seen = {task["source"]["hash"]: f"stored task {name!r}" for name, task in sorted(stored.items()) if task["source"].get("hash")}
+    messages = []
+    for name, source in sources.items():
+        if source.hash is None:
+            continue
+        if source.hash in seen:
+            messages.append(
+                f"task {name!r} has the same content as {seen[source.hash]} (content hash {source.hash[:12]}...); "
+                f"it was ingested all the same, under its own name: `tvbase rm STORE {name}` removes it if that "
+                "was a mistake"
+            )
+        else:
+            seen[source.hash] = f"task {name!r} of this ingest"
+    return messages
 
 
 def rm(store, names, wait=0.0):

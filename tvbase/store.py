@@ -46,18 +46,21 @@ class Store:
         Parameters
         ----------
         path : str or Path, a directory that does not exist yet (or is empty), or ``memory://NAME``.
-        base : str or Path
+        base : str or Path, or a hub id ``org/name[@revision]`` of a model in the local Hugging
+            Face cache (see :func:`tvbase.io.hub.resolve_model_path`); its path is recorded.
         params : FitParams, defaults for later ingests.
         """
         where = location(path)
         from .io.checkpoint import Checkpoint
+        from .io.hub import absolute_path, resolve_model_path
 
         where.check_vacant()  # before anything is read or made
         params = (params or FitParams()).validate()
-        with Checkpoint.open(base) as checkpoint:
+        found = resolve_model_path(base)
+        with Checkpoint.open(found) as checkpoint:
             fingerprint = checkpoint.fingerprint()
         repository = Repository.create(where)
-        meta = fmt.new_metadata(Path(base).resolve(), fingerprint, params.to_dict())
+        meta = fmt.new_metadata(absolute_path(found), fingerprint, params.to_dict())
         with repository.transaction(f"init store for base {Path(base).name}", {"op": "init"}) as tx:
             fmt.create_arrays(tx.root)
             fmt.seal(tx.root, meta)
@@ -169,9 +172,10 @@ class Store:
 
         Parameters
         ----------
-        items : dict task name -> checkpoint path (same format and tensors as the base)
+        items : dict task name -> checkpoint path (same format and tensors as the base), or a
+            hub id ``org/name[@revision]`` of a model in the local Hugging Face cache
         params : FitParams or None, default: the store's recorded parameters.
-        base : path of the base checkpoint, default: the path recorded at ``init``.
+        base : path (or cached hub id) of the base checkpoint, default: the path recorded at ``init``.
         device : where the factorization runs (default CUDA when available).
         wait : seconds to wait for another writer's lock.
         method : a name of ``tvbase.methods.METHODS``: "tvbase" (default), "svd", or a Task
@@ -185,6 +189,10 @@ class Store:
         tasks; later ingests store each new task as a per-task truncated SVD until ``compact``.
         A seed method fits one basis over the tasks of this ingest, stored at fp32 unless
         ``params`` says otherwise, as in the paper.
+
+        A task whose input has the content hash of a stored task (or of another task of this
+        ingest) is ingested all the same, with a :class:`~tvbase.errors.TvbaseWarning` naming
+        that task: it is usually one checkpoint given twice.
         """
         from . import operations
 
@@ -227,7 +235,8 @@ class Store:
 
         Parameters
         ----------
-        base : str, Path or None, where the base model is now; None: the recorded path.
+        base : str, Path or None, where the base model is now (a path, or the hub id of a model in
+            the local Hugging Face cache); None: the recorded path.
 
         Returns
         -------
@@ -242,8 +251,9 @@ class Store:
             other values); with ``base=None``, the message says the recorded base changed.
         """
         from .io.checkpoint import Checkpoint, check_compatible
+        from .io.hub import resolve_model_path
 
-        path = base or self.meta["base"]["path"]
+        path = resolve_model_path(base) if base else self.meta["base"]["path"]
         # with the recorded base the user gave no path: say which one was read
         label = f"base ({path})" if base else f"the base recorded at init ({path})"
         try:
@@ -266,3 +276,4 @@ class Store:
             checkpoint.close()
             raise
         return checkpoint
+

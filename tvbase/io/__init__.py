@@ -2,6 +2,7 @@
 
 - :mod:`.checkpoint`: :class:`Checkpoint`, a validated lazy view of one safetensors checkpoint;
 - :mod:`.sources`: the input-format seam, one task's vector read tensor by tensor against the base;
+- :mod:`.hub`: snapshot folders of the Hugging Face cache, and hub ids resolved offline to them;
 - :mod:`.save`: :func:`save_checkpoint` and :func:`write_atomic`.
 """
 

@@ -4,10 +4,15 @@ A :class:`Checkpoint` is a read-only, lazy view of one checkpoint, either a sing
 or a directory of shards with a Hugging Face ``model.safetensors.index.json``. Everything that can be
 checked without reading tensor data is checked in :meth:`Checkpoint.open`, so later code trusts it:
 the safetensors headers are parsed and validated by our own code before the file reaches the
-safetensors library, shard paths may not escape the directory, and pickle checkpoints are refused.
+safetensors library, shard paths may not escape the directory (a snapshot folder of the Hugging
+Face cache may link into its own cache entry's ``blobs/``, see :mod:`tvbase.io.hub`), and pickle
+checkpoints are refused.
 
 :func:`check_compatible` compares a checkpoint with the store's base model and :func:`task_vector`
-turns one tensor of a fine-tune into ``finetuned - base``. Writing is :mod:`tvbase.io.save`'s.
+turns one tensor of a fine-tune into ``finetuned - base``, computed in fp32 whatever the float
+precision of either side. Only float tensors are differenced: integer and boolean tensors (buffers
+such as position ids, masks) must equal the base's, and their delta is zero. Writing is
+:mod:`tvbase.io.save`'s.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from safetensors import SafetensorError, safe_open
 
 from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
 
+from .hub import cache_blobs
+
 __all__ = ["Checkpoint", "check_compatible", "task_vector"]
 
 # Same limit as the safetensors library (MAX_HEADER_SIZE), so a header we accept it accepts too.
@@ -43,7 +50,10 @@ _DTYPE_BITS = {
     "I32": 32, "U32": 32, "F32": 32,
     "I64": 64, "U64": 64, "F64": 64, "C64": 64,
 }  # fmt: skip
-_INTEGER_DTYPES = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
+# Float tensors are differenced, whatever the precision of each side; every other dtype (integers,
+# bool, complex) is carried unchanged from the base and must be equal in a fine-tune.
+_FLOAT_DTYPES = frozenset({"BF16", *(dtype for dtype in _DTYPE_BITS if dtype.startswith("F"))})  # F16, F8_*, ...
+_FIRST_COMPARE_BYTES = 64 * 1024  # byte comparisons start small: unequal tensors differ early
 # dtypes read with a plain file read into memory of our own; the rest go through safetensors.
 _TORCH_DTYPES = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -92,6 +102,7 @@ class Checkpoint:
         self.files = sorted({entry.file for entry in self._entries.values()})
         self._handles = {}
         self._fingerprint = None
+        self._same = {}  # (name, name) -> same_content answer
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Checkpoint:
@@ -102,6 +113,9 @@ class Checkpoint:
         path : str or os.PathLike
             A ``.safetensors`` file; a directory with ``model.safetensors.index.json`` and its
             shards; a directory holding exactly one ``.safetensors`` file; or the index file itself.
+            A directory may be a snapshot folder of the Hugging Face cache, whose files link into
+            the cache entry's ``blobs/``. (A hub id is resolved to such a folder by
+            :func:`tvbase.io.hub.resolve_model_path`, not here.)
 
         Returns
         -------
@@ -113,7 +127,8 @@ class Checkpoint:
             If ``path`` does not exist.
         InvalidInputError
             If the checkpoint is a pickle format, a header or index is malformed or truncated, a
-            shard is missing or lies outside the directory, or it holds no tensors.
+            shard is missing or lies outside the directory (or its cache entry's blobs), or it
+            holds no tensors.
         """
         path = Path(path)
         if not path.exists():
@@ -191,21 +206,37 @@ class Checkpoint:
             tensor = self._read_with_safetensors(entry, name)
         return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
 
+    def same_content(self, name: str, other: str) -> bool:
+        """Whether two tensors of this checkpoint have the same shape, dtype and bytes.
+
+        This is how tied weights are told (``lm_head.weight`` saved as a copy of
+        ``model.embed_tokens.weight``); the answer is remembered, so many fine-tunes checked
+        against one base read its tensors once.
+        """
+        key = (min(name, other), max(name, other))
+        if key not in self._same:
+            self._same[key] = self.spec(name) == self.spec(other) and _same_bytes(self, name, self, other)
+        return self._same[key]
+
     def _read(self, entry: _Entry) -> torch.Tensor:
         """The raw bytes of one tensor, (nbytes,) uint8."""
         buffer = torch.empty(entry.end - entry.begin, dtype=torch.uint8)
-        view, handle = memoryview(buffer.numpy()), self._handle(entry.file)
-        handle.seek(entry.begin)
+        self._read_into(entry.file, entry.begin, memoryview(buffer.numpy()))
+        return buffer
+
+    def _read_into(self, file: Path, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes of ``file`` from ``offset`` on."""
+        handle = self._handle(file)
+        handle.seek(offset)
         done = 0
         while done < len(view):
             got = handle.readinto(view[done:])
             if not got:
                 raise InvalidInputError(
-                    f"safetensors file {str(entry.file)!r} ended early while reading; it changed since it "
+                    f"safetensors file {str(file)!r} ended early while reading; it changed since it "
                     "was opened: re-export or re-download it."
                 )
             done += got
-        return buffer
 
     def _read_with_safetensors(self, entry: _Entry, name: str) -> torch.Tensor:
         """A dtype we do not decode ourselves: safetensors reads it, mapped only for this call."""
@@ -266,8 +297,26 @@ class Checkpoint:
         return self._handles[file]
 
 
-def check_compatible(reference: dict, checkpoint: Checkpoint, label: str) -> None:
-    """Check that ``checkpoint`` has exactly the reference's tensor names, shapes and dtypes.
+def check_compatible(reference: dict, checkpoint: Checkpoint, label: str, base: Checkpoint | None = None) -> dict:
+    """Check that ``checkpoint`` has the reference's tensor names, shapes and dtypes.
+
+    Without ``base`` the match must be exact (a base model opened again). With ``base``,
+    ``checkpoint`` is checked as a fine-tune of it, which may differ from the base in three ways
+    and must agree in one more:
+
+    - a float tensor may have another float dtype (F32, F16, BF16, F64, ...): task vectors are
+      computed in fp32 (see :func:`task_vector`);
+    - a tensor may be missing when the base ties it to a tensor the fine-tune has (same shape,
+      dtype and bytes in the base, and not constant, as transformers saves ``lm_head.weight``
+      tied to ``model.embed_tokens.weight``); its delta is the delta of that tensor;
+    - a tensor the base lacks may be present when the fine-tune ties it to a tensor the base has
+      (same shape, dtype and bytes in the fine-tune): a base saved tied gets its tie back on load,
+      so the copy carries nothing and is never read. An untied one (other bytes) is refused;
+    - every non-float tensor (integer or boolean buffers such as position ids or masks) must
+      equal the base's: they are never differenced.
+
+    Ties are told by content rather than by ``tie_word_embeddings`` in a ``config.json``: that
+    works for a bare safetensors file, and for any tie, not only the head's.
 
     Parameters
     ----------
@@ -278,24 +327,42 @@ def check_compatible(reference: dict, checkpoint: Checkpoint, label: str) -> Non
         The checkpoint to check, usually a fine-tune.
     label : str
         How to name the checkpoint in the message, e.g. ``"task 'math' (/path/to/ckpt)"``.
+    base : Checkpoint, optional
+        The base model ``reference`` describes; given, ``checkpoint`` is checked as its fine-tune.
+
+    Returns
+    -------
+    dict of str to str
+        Tensor missing from ``checkpoint`` -> the tensor it is tied to in the base, whose delta
+        it takes; empty without ``base``.
 
     Raises
     ------
     BaseMismatchError
         Listing missing and extra tensors and shape and dtype mismatches, up to five of each
-        with their counts.
+        with their counts; or, when the structure matches, the non-float tensors that differ
+        from the base's.
     """
     found = set(checkpoint.names)
+    shared = sorted(set(reference) & found)
     missing = sorted(set(reference) - found)
     extra = sorted(found - set(reference))
+    tied = {}
+    if base is not None:
+        for name in missing:
+            if (tied_to := _tied_to(base, name, shared)) is not None:
+                tied[name] = tied_to
+        missing = [name for name in missing if name not in tied]
+        extra = [name for name in extra if _tied_to(checkpoint, name, shared) is None]
     shapes, dtypes = [], []
-    for name in sorted(set(reference) & found):
+    for name in shared:
         shape, dtype = checkpoint.spec(name)
-        expected_shape = [int(size) for size in reference[name]["shape"]]
+        expected_shape, expected_dtype = [int(size) for size in reference[name]["shape"]], reference[name]["dtype"]
         if list(shape) != expected_shape:
             shapes.append(f"{name!r} expected {expected_shape}, found {list(shape)}")
-        if dtype != reference[name]["dtype"]:
-            dtypes.append(f"{name!r} expected {reference[name]['dtype']}, found {dtype}")
+        floats = dtype in _FLOAT_DTYPES and expected_dtype in _FLOAT_DTYPES
+        if dtype != expected_dtype and not (base is not None and floats):
+            dtypes.append(f"{name!r} expected {expected_dtype}, found {dtype}")
     problems = [
         _summarize("missing tensor", [repr(name) for name in missing]),
         _summarize("extra tensor", [repr(name) for name in extra]),
@@ -304,15 +371,32 @@ def check_compatible(reference: dict, checkpoint: Checkpoint, label: str) -> Non
     ]
     problems = [problem for problem in problems if problem]
     if problems:
+        rules = ""
+        if base is not None:
+            rules = (
+                " A float tensor may differ in precision; a tensor may be missing only when the base ties it to "
+                "one the fine-tune has (same bytes), and be extra only when the fine-tune ties it so."
+            )
         raise BaseMismatchError(
             f"{label} does not match the store's base model: {'; '.join(problems)}. "
             "It must be a fine-tune of the store's base model, with the same tensor names, shapes "
-            "and dtypes; check that you passed the right checkpoint (and base)."
+            f"and dtypes; check that you passed the right checkpoint (and base).{rules}"
         )
+    if base is not None:
+        changed = [name for name in shared if not _same_non_float(base, checkpoint, name)]
+        if changed:
+            raise _changed_non_float_error(label, changed, base)
+    return tied
 
 
 def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) -> torch.Tensor:
     """One tensor of a task vector, ``finetuned - base``.
+
+    A float tensor is converted to float32 on each side, whatever either's float dtype, and
+    subtracted: a bf16 fine-tune of an fp32 base works, and so does the reverse. (When either
+    side is F64 the subtraction is done in float64 and rounded after, so that precision is not
+    lost to cancellation.) A non-float tensor (integer or boolean buffer) must equal the base's;
+    its delta is zero.
 
     Parameters
     ----------
@@ -325,15 +409,14 @@ def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) 
 
     Returns
     -------
-    Tensor of shape ``base.spec(name)[0]``, float32, on CPU. Integer and bool tensors (buffers
-    such as position ids) give their difference too; the caller decides what to keep.
+    Tensor of shape ``base.spec(name)[0]``, float32, on CPU.
 
     Raises
     ------
     InvalidInputError
         If the fine-tuned tensor holds NaN or Inf values.
     BaseMismatchError
-        If the two tensors differ in shape.
+        If the two tensors differ in shape, or a non-float tensor differs from the base's.
     """
     base_shape, base_dtype = base.spec(name)
     shape, dtype = finetuned.spec(name)
@@ -342,9 +425,11 @@ def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) 
             f"{label}: tensor {name!r} has shape {list(shape)}, the base has {list(base_shape)}; "
             "the checkpoint must be a fine-tune of the store's base model."
         )
-    # float64 keeps integer and F64 differences exact before the final rounding to float32.
-    wide = dtype in _INTEGER_DTYPES or dtype == "F64" or base_dtype in _INTEGER_DTYPES or base_dtype == "F64"
-    work_dtype = torch.float64 if wide else torch.float32
+    if not _same_non_float(base, finetuned, name):
+        raise _changed_non_float_error(label, [name], base)
+    if base_dtype not in _FLOAT_DTYPES:
+        return torch.zeros(base_shape, dtype=torch.float32)
+    work_dtype = torch.float64 if "F64" in (dtype, base_dtype) else torch.float32
     tuned = finetuned.get(name, dtype=work_dtype)
     bad = int((~torch.isfinite(tuned)).sum())
     if bad:
@@ -353,6 +438,76 @@ def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) 
             f"out of {tuned.numel()}; the fine-tune diverged or was saved incorrectly: fix or retrain it."
         )
     return (tuned - base.get(name, dtype=work_dtype)).to(torch.float32)
+
+
+def _tied_to(checkpoint: Checkpoint, name: str, candidates: list[str]) -> str | None:
+    """The first of ``candidates`` with the shape, dtype and bytes of tensor ``name``, or None.
+
+    A constant tensor (all zeros, all ones) is never taken as tied: two of them are equal by
+    coincidence, and taking one for the other would hide a tensor that is really missing.
+    """
+    other = next((candidate for candidate in candidates if checkpoint.same_content(name, candidate)), None)
+    return None if other is None or _is_constant(checkpoint, name) else other
+
+
+def _is_constant(checkpoint: Checkpoint, name: str) -> bool:
+    """Whether every element of a tensor has the bytes of the first (read until one differs)."""
+    entry = checkpoint._entry(name)
+    size, width = entry.end - entry.begin, max(1, _DTYPE_BITS[entry.dtype] // 8)
+    if size <= width:
+        return True
+    first = bytearray(width)
+    checkpoint._read_into(entry.file, entry.begin, memoryview(first))
+    done, chunk = 0, _FIRST_COMPARE_BYTES  # powers of two: whole elements in every chunk
+    while done < size:
+        step = min(chunk, size - done)
+        block = bytearray(step)
+        checkpoint._read_into(entry.file, entry.begin + done, memoryview(block))
+        if block != first * (step // width):
+            return False
+        done, chunk = done + step, min(2 * chunk, _HASH_CHUNK_BYTES)
+    return True
+
+
+def _same_non_float(base: Checkpoint, finetuned: Checkpoint, name: str) -> bool:
+    """True for a float tensor; for any other, whether the fine-tune's equals the base's."""
+    (_, base_dtype), (_, dtype) = base.spec(name), finetuned.spec(name)
+    if base_dtype in _FLOAT_DTYPES and dtype in _FLOAT_DTYPES:
+        return True
+    return base.spec(name) == finetuned.spec(name) and _same_bytes(base, name, finetuned, name)
+
+
+def _changed_non_float_error(label: str, names: list[str], base: Checkpoint) -> BaseMismatchError:
+    changed = [f"{name!r} ({base.spec(name)[1]})" for name in names]
+    summary = _summarize("non-float tensor", changed, plural="non-float tensors")
+    return BaseMismatchError(
+        f"{label} does not match the store's base model: {summary} differ{'s' if len(names) == 1 else ''} "
+        "from the base's. Integer and boolean tensors (buffers such as position ids or masks) are never "
+        "differenced: tvbase keeps the base's, so a fine-tune must carry them unchanged; copy them from "
+        "the base into the fine-tune, or check that it is a fine-tune of this base."
+    )
+
+
+def _same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
+    """Whether two tensors (of one checkpoint or two) hold the same bytes.
+
+    Read in chunks that grow from 64 KiB to 16 MiB: tensors that differ are told apart after
+    little reading, equal ones are read in bounded memory.
+    """
+    entry_a, entry_b = a._entry(name_a), b._entry(name_b)
+    size = entry_a.end - entry_a.begin
+    if size != entry_b.end - entry_b.begin:
+        return False
+    done, chunk = 0, _FIRST_COMPARE_BYTES
+    while done < size:
+        step = min(chunk, size - done)
+        left, right = bytearray(step), bytearray(step)
+        a._read_into(entry_a.file, entry_a.begin + done, memoryview(left))
+        b._read_into(entry_b.file, entry_b.begin + done, memoryview(right))
+        if left != right:
+            return False
+        done, chunk = done + step, min(2 * chunk, _HASH_CHUNK_BYTES)
+    return True
 
 
 # --- opening -------------------------------------------------------------------------------------------
@@ -368,6 +523,7 @@ def _open_directory(directory: Path) -> dict[str, _Entry]:
             f"({', '.join(index.name for index in indexes)}): expected one; pass the index file to open."
         )
     if indexes:
+        _check_inside(indexes[0], directory, what="index")
         return _read_index(indexes[0], directory)
     # Hidden files are editor or OS droppings (e.g. macOS "._model.safetensors"), never weights.
     weights = sorted(p for p in directory.glob("*.safetensors") if not p.name.startswith("."))
@@ -410,11 +566,24 @@ def _refuse_non_safetensors(file: Path) -> None:
 
 
 def _check_inside(file: Path, directory: Path, what: str) -> None:
-    # A symlink may point anywhere; only what lies inside the checkpoint directory is part of it.
-    if not file.resolve().is_relative_to(directory.resolve()):
+    # A symlink may point anywhere; only what lies inside the checkpoint directory is part of it,
+    # and, for a snapshot folder of the Hugging Face cache, its own cache entry's blobs/.
+    target = file.resolve()
+    if target.is_relative_to(directory.resolve()):
+        return
+    blobs = cache_blobs(directory)
+    if blobs is None:
         raise InvalidInputError(
-            f"{what} {str(file)!r} resolves to {str(file.resolve())!r}, outside the checkpoint directory "
-            f"{str(directory)!r}: shards must lie inside it; copy the real files into the directory."
+            f"{what} {str(file)!r} resolves to {str(target)!r}, outside the checkpoint directory "
+            f"{str(directory)!r}: a checkpoint's files must lie inside it (a link out of it could pull in "
+            "any file); copy the real files into the directory."
+        )
+    if not target.is_relative_to(blobs):
+        raise InvalidInputError(
+            f"{what} {str(file)!r} resolves to {str(target)!r}, outside the checkpoint directory "
+            f"{str(directory)!r} and outside {str(blobs)!r}, the blobs folder of its Hugging Face cache entry: "
+            "a cached model's files may only link into their own entry's blobs; download the model "
+            "again, or copy the real files into the directory."
         )
 
 

@@ -66,7 +66,11 @@ class TaskVectorSource(ABC):
 
 
 class FullCheckpoint(TaskVectorSource):
-    """A full fine-tune: a safetensors file or sharded directory with exactly the base's tensors.
+    """A full fine-tune: a safetensors file or sharded directory with the base's tensors.
+
+    Its float tensors may have another precision than the base's, and a tensor the base ties
+    to another (``lm_head.weight`` to the embeddings) may be left out, as transformers saves
+    tied models; see :func:`~tvbase.io.checkpoint.check_compatible`.
 
     Parameters
     ----------
@@ -80,7 +84,8 @@ class FullCheckpoint(TaskVectorSource):
     NotFoundError, InvalidInputError
         If the checkpoint cannot be opened (see :meth:`Checkpoint.open`).
     BaseMismatchError
-        If its tensor names, shapes or dtypes differ from the base's.
+        If its tensor names, shapes or dtypes differ from the base's, or a non-float tensor
+        differs from the base's.
     """
 
     @staticmethod
@@ -91,13 +96,14 @@ class FullCheckpoint(TaskVectorSource):
         self.path, self.label, self._base = Path(path), label, base
         self._checkpoint = Checkpoint.open(path)
         try:
-            check_compatible(reference, self._checkpoint, label)
+            self._tied = check_compatible(reference, self._checkpoint, label, base=base)
         except BaseException:
             self._checkpoint.close()
             raise
 
     def tensor(self, name: str) -> torch.Tensor:
-        return task_vector(self._base, self._checkpoint, name, self.label)
+        # a tensor tied in the base (equal bytes) moves with the one it is tied to
+        return task_vector(self._base, self._checkpoint, self._tied.get(name, name), self.label)
 
     @property
     def hash(self) -> str:
