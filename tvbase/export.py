@@ -110,10 +110,16 @@ def apply_composition(store, coefficients, base, output, device=None, dtype=None
         source = _model_directory(ckpt.path) if output.suffix != ".safetensors" else None
         composition = store.iter_composition(coefficients, device=device)  # checks the tasks
 
+        rows = {}  # tensor name -> (base rows, rows written) where tasks added rows (tokens)
+
         def tensors():
             for name, delta in composition:
                 weight = ckpt.get(name, dtype=None)
-                merged = weight.to(delta.device, torch.float32) + delta
+                merged = weight.to(delta.device, torch.float32)
+                if delta.shape != weight.shape:  # rows added after the base's: the base has zeros there
+                    rows[name] = (weight.shape[0], delta.shape[0])
+                    merged = torch.cat([merged, merged.new_zeros(delta.shape[0] - weight.shape[0], *weight.shape[1:])])
+                merged = merged + delta
                 if not weight.is_floating_point():
                     merged = merged.round()
                 keep = dtype is None or not weight.is_floating_point()
@@ -121,7 +127,7 @@ def apply_composition(store, coefficients, base, output, device=None, dtype=None
 
         def write(target):
             files = save_checkpoint(tensors(), target, max_shard_bytes, metadata)  # adds "format": "pt"
-            return files + (_copy_model_files(source, target, dtype) if source is not None else [])
+            return files + (_copy_model_files(source, target, dtype, _vocab_size(rows)) if source is not None else [])
 
         return _write(output, write)
 
@@ -154,19 +160,29 @@ def _model_directory(path):
     return path.parent if path.name.endswith(".safetensors" + _INDEX_SUFFIX) else None
 
 
-def _copy_model_files(source, target, dtype):
+def _vocab_size(rows):
+    """(old, new) vocabulary size when the composition added rows to the word embeddings (the
+    tensors that grew share their base row count, the vocabulary), else None."""
+    if not rows:
+        return None
+    old = {base for base, _ in rows.values()}
+    return (old.pop(), max(new for _, new in rows.values())) if len(old) == 1 else None
+
+
+def _copy_model_files(source, target, dtype, vocab_size=None):
     copied = []
     for file in model_files(source):
-        if file.name == "config.json" and dtype is not None:
-            _write_config(file, target / file.name, dtype)
+        if file.name == "config.json" and (dtype is not None or vocab_size is not None):
+            _write_config(file, target / file.name, dtype, vocab_size)
         else:
             shutil.copyfile(file, target / file.name)  # follows symlinks: the content, not the link
         copied.append(target / file.name)
     return copied
 
 
-def _write_config(source, target, dtype):
-    """config.json with the dtype of the written weights (an unreadable one is copied as it is)."""
+def _write_config(source, target, dtype, vocab_size=None):
+    """config.json with the dtype of the written weights and, when tasks added tokens, the new
+    ``vocab_size`` (an unreadable config is copied as it is)."""
     try:
         config = json.loads(source.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -174,7 +190,9 @@ def _write_config(source, target, dtype):
     if not isinstance(config, dict):
         shutil.copyfile(source, target)
         return
-    name = str(dtype).removeprefix("torch.")
-    keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]  # v4 / v5 names
-    config.update(dict.fromkeys(keys, name))
+    if dtype is not None:
+        keys = [key for key in ("torch_dtype", "dtype") if key in config] or ["torch_dtype"]  # v4 / v5 names
+        config.update(dict.fromkeys(keys, str(dtype).removeprefix("torch.")))
+    if vocab_size is not None and config.get("vocab_size") == vocab_size[0]:
+        config["vocab_size"] = vocab_size[1]
     target.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

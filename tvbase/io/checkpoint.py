@@ -33,7 +33,7 @@ from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
 
 from .hub import cache_blobs
 
-__all__ = ["Checkpoint", "check_compatible", "task_vector"]
+__all__ = ["Checkpoint", "check_compatible", "grows_rows", "new_rows", "task_vector"]
 
 # Same limit as the safetensors library (MAX_HEADER_SIZE), so a header we accept it accepts too.
 _MAX_HEADER_BYTES = 100_000_000
@@ -313,7 +313,10 @@ def check_compatible(reference: dict, checkpoint: Checkpoint, label: str, base: 
       (same shape, dtype and bytes in the fine-tune): a base saved tied gets its tie back on load,
       so the copy carries nothing and is never read. An untied one (other bytes) is refused;
     - every non-float tensor (integer or boolean buffers such as position ids or masks) must
-      equal the base's: they are never differenced.
+      equal the base's: they are never differenced;
+    - a float tensor may have more rows than the base's (an embedding or head of a fine-tune
+      that added tokens): the rows the base has give the delta, the others are new
+      (:func:`grows_rows`).
 
     Ties are told by content rather than by ``tie_word_embeddings`` in a ``config.json``: that
     works for a bare safetensors file, and for any tie, not only the head's.
@@ -358,9 +361,9 @@ def check_compatible(reference: dict, checkpoint: Checkpoint, label: str, base: 
     for name in shared:
         shape, dtype = checkpoint.spec(name)
         expected_shape, expected_dtype = [int(size) for size in reference[name]["shape"]], reference[name]["dtype"]
-        if list(shape) != expected_shape:
-            shapes.append(f"{name!r} expected {expected_shape}, found {list(shape)}")
         floats = dtype in _FLOAT_DTYPES and expected_dtype in _FLOAT_DTYPES
+        if list(shape) != expected_shape and not (base is not None and floats and grows_rows(expected_shape, shape)):
+            shapes.append(f"{name!r} expected {expected_shape}, found {list(shape)}")
         if dtype != expected_dtype and not (base is not None and floats):
             dtypes.append(f"{name!r} expected {expected_dtype}, found {dtype}")
     problems = [
@@ -374,7 +377,8 @@ def check_compatible(reference: dict, checkpoint: Checkpoint, label: str, base: 
         rules = ""
         if base is not None:
             rules = (
-                " A float tensor may differ in precision; a tensor may be missing only when the base ties it to "
+                " A float tensor may differ in precision or have more rows (added tokens); a tensor may be missing "
+                "only when the base ties it to "
                 "one the fine-tune has (same bytes), and be extra only when the fine-tune ties it so."
             )
         raise BaseMismatchError(
@@ -420,7 +424,8 @@ def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) 
     """
     base_shape, base_dtype = base.spec(name)
     shape, dtype = finetuned.spec(name)
-    if shape != base_shape:
+    grown = base_dtype in _FLOAT_DTYPES and grows_rows(base_shape, shape)
+    if shape != base_shape and not grown:
         raise BaseMismatchError(
             f"{label}: tensor {name!r} has shape {list(shape)}, the base has {list(base_shape)}; "
             "the checkpoint must be a fine-tune of the store's base model."
@@ -437,7 +442,25 @@ def task_vector(base: Checkpoint, finetuned: Checkpoint, name: str, label: str) 
             f"{label}: tensor {name!r} holds {bad} NaN/Inf value{'s' if bad != 1 else ''} "
             f"out of {tuned.numel()}; the fine-tune diverged or was saved incorrectly: fix or retrain it."
         )
+    if grown:  # rows after the base's are new: see new_rows
+        tuned = tuned[: base_shape[0]]
     return (tuned - base.get(name, dtype=work_dtype)).to(torch.float32)
+
+
+def grows_rows(base_shape, shape) -> bool:
+    """Whether ``shape`` is ``base_shape`` with more rows (first dimension) and nothing else changed."""
+    base_shape, shape = tuple(int(d) for d in base_shape), tuple(int(d) for d in shape)
+    return len(shape) == len(base_shape) >= 1 and shape[1:] == base_shape[1:] and shape[0] > base_shape[0]
+
+
+def new_rows(base: Checkpoint, finetuned: Checkpoint, name: str) -> torch.Tensor | None:
+    """The rows of tensor ``name`` that ``finetuned`` has after the base's (tokens it added), as
+    float32 (k, size of one row), or None when it has the base's rows."""
+    (base_shape, _), (shape, _) = base.spec(name), finetuned.spec(name)
+    if not grows_rows(base_shape, shape):
+        return None
+    rows = finetuned.get(name, dtype=torch.float32)[base_shape[0] :]  # (k, ...)
+    return rows.reshape(len(rows), -1)
 
 
 def _tied_to(checkpoint: Checkpoint, name: str, candidates: list[str]) -> str | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, check_compatible, task_vector
+from .checkpoint import Checkpoint, check_compatible, new_rows, task_vector
 from .lora import LoraAdapter
 
 __all__ = ["INPUT_FORMATS", "FullCheckpoint", "LoraAdapter", "StoredTask", "TaskVectorSource", "TaskVectors", "open_task"]
@@ -104,6 +104,9 @@ class FullCheckpoint(TaskVectorSource):
     def tensor(self, name: str) -> torch.Tensor:
         # a tensor tied in the base (equal bytes) moves with the one it is tied to
         return task_vector(self._base, self._checkpoint, self._tied.get(name, name), self.label)
+
+    def new_rows(self, name: str) -> torch.Tensor | None:
+        return new_rows(self._base, self._checkpoint, self._tied.get(name, name))
 
     @property
     def hash(self) -> str:
