@@ -63,7 +63,7 @@ def train_adapter(zoo, task, folder, rank=8, steps=150, lr=2e-3, batch_size=32):
     text_zoo._train(model, ids, labels, zoo.head(task), steps, lr, batch_size, text_zoo._task_seed(zoo.seed, task))
     test_ids, test_labels = zoo._data(task, "test")
     accuracy = text_zoo._accuracy(model, test_ids, test_labels, zoo.head(task))
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, save_embedding_layers=False)  # "auto" would look the base up on the hub
     record.write_text(json.dumps({"settings": settings, "accuracy": accuracy}, indent=2))
     return accuracy
 

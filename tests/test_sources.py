@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 import tvbase.io.checkpoint as sources
 from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
-from tvbase.io.checkpoint import Checkpoint, check_compatible, task_vector
+from tvbase.io.checkpoint import Checkpoint, check_compatible, new_rows, task_vector
 from tvbase.io.save import save_checkpoint
 
 
@@ -478,12 +479,24 @@ def test_task_vector_rejects_non_finite(tmp_path, bad):
         task_vector(base, tuned, "w", "task 'math'")
 
 
-def test_task_vector_shape_mismatch(tmp_path):
-    save_file({"w": torch.zeros(3)}, tmp_path / "base.safetensors")
-    save_file({"w": torch.zeros(4)}, tmp_path / "ft.safetensors")
+@pytest.mark.parametrize(("base_shape", "shape"), [((4,), (3,)), ((3, 2), (3, 3)), ((3, 2), (4, 3))])
+def test_task_vector_shape_mismatch(tmp_path, base_shape, shape):
+    """Fewer rows, or another row size, is refused (more rows of the same size are added tokens)."""
+    save_file({"w": torch.zeros(base_shape)}, tmp_path / "base.safetensors")
+    save_file({"w": torch.zeros(shape)}, tmp_path / "ft.safetensors")
     base, tuned = Checkpoint.open(tmp_path / "base.safetensors"), Checkpoint.open(tmp_path / "ft.safetensors")
-    with pytest.raises(BaseMismatchError, match=r"tensor 'w' has shape \[4\], the base has \[3\]"):
+    with pytest.raises(BaseMismatchError, match=re.escape(f"tensor 'w' has shape {list(shape)}, the base has {list(base_shape)}")):
         task_vector(base, tuned, "w", "task 'a'")
+
+
+def test_task_vector_of_a_tensor_with_added_rows(tmp_path):
+    base_w, tuned_w = torch.randn(3, 2), torch.randn(5, 2)
+    save_file({"w": base_w}, tmp_path / "base.safetensors")
+    save_file({"w": tuned_w}, tmp_path / "ft.safetensors")
+    base, tuned = Checkpoint.open(tmp_path / "base.safetensors"), Checkpoint.open(tmp_path / "ft.safetensors")
+    torch.testing.assert_close(task_vector(base, tuned, "w", "task 'a'"), tuned_w[:3] - base_w)
+    torch.testing.assert_close(new_rows(base, tuned, "w"), tuned_w[3:])
+    assert new_rows(base, base, "w") is None
 
 
 # --- save_checkpoint ----------------------------------------------------------------------------------
