@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidInputError
+from .io.hub import resolve_model_path
 from .io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, resolve_name
 
 DEFAULT_RANK = 64  # the largest rank of an exported layer when none is asked for
@@ -65,7 +66,7 @@ def export_lora(store, coefficients, output, rank=DEFAULT_RANK, base=None, devic
             "to the base's weights; use `tvbase apply` for a model with the new vocabulary"
         )
     device = resolve_device(device)
-    base_path = Path(base or store.meta["base"]["path"])
+    base_path = resolve_model_path(base) if base else Path(store.meta["base"]["path"])
     config_dir = Path(config) if config else base_path if base_path.is_dir() else base_path.parent
     config_dir = config_dir.parent if config_dir.name == "config.json" else config_dir
     layers = _layers(config_dir)  # tensor name of the model -> (layer name, layer type, parameter name)
