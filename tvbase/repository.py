@@ -159,6 +159,7 @@ class S3Location(Location):
         self.prefix = key.strip("/")
         self.path = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.settings = S3Settings.from_env()  # once per open: a bad variable is refused before any request
+        self.settings.check_reachable(self.path)
 
     def storage(self):
         return self.settings.icechunk_storage(self.bucket, self.prefix)

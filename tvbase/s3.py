@@ -24,8 +24,10 @@ objects are listed.
 
 import os
 import re
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 from .errors import InvalidInputError, NotFoundError, StorageError, TvbaseError
 
@@ -137,6 +139,24 @@ class S3Settings:
         """The endpoint as messages name it."""
         return self.endpoint_url or "AWS S3"
 
+    def check_reachable(self, what: str) -> None:
+        """Fail at once when nothing answers at a custom endpoint (a wrong port, a server not
+        started): Icechunk retries a refused connection for tens of seconds before it says so.
+        One TCP connection, only when ``AWS_ENDPOINT_URL`` is set.
+
+        Raises
+        ------
+        StorageError
+            If no connection can be opened to the endpoint.
+        """
+        if self.endpoint_url is None:
+            return
+        parsed = urlparse(self.endpoint_url)
+        try:
+            socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)), timeout=5).close()
+        except OSError as error:
+            raise _unreachable(self.endpoint, what, error.strerror or type(error).__name__) from None
+
     def icechunk_storage(self, bucket: str, prefix: str):
         """Icechunk's S3 storage for the repository at ``s3://bucket/prefix``."""
         import icechunk
@@ -212,12 +232,14 @@ def storage_error(error: BaseException, what: str) -> Exception | None:
             "AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN (or set AWS_NO_SIGN_REQUEST=true for a public bucket)"
         )
     reason = next((r for r in _UNREACHABLE if r.lower() in text.lower()), None)
-    if reason is not None:
-        return StorageError(
-            f"cannot reach {endpoint} for {what} ({reason}): check AWS_ENDPOINT_URL and that the server is up; "
-            "nothing is committed until a write reports its version, so run the command again"
-        )
-    return None
+    return None if reason is None else _unreachable(endpoint, what, reason)
+
+
+def _unreachable(endpoint, what, reason):
+    return StorageError(
+        f"cannot reach {endpoint} for {what} ({reason}): check AWS_ENDPOINT_URL and that the server is up; "
+        "nothing is committed until a write reports its version, so run the command again"
+    )
 
 
 @contextmanager
