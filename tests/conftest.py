@@ -125,8 +125,11 @@ def populated_copy(tmp_path, populated):
 def moto_server():
     """A moto S3 server on 127.0.0.1 at a free port, for the whole session (its state is in
     memory; each test takes a bucket of its own): its endpoint URL. Stopped at the end."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in failure reports
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
