@@ -20,7 +20,12 @@ import torch
 
 from tvbase import operations
 from tvbase.cli import main
-from tvbase.errors import InvalidInputError, NotFoundError, StorageError, StoreLockedError
+from tvbase.errors import (
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    StoreLockedError,
+)
 from tvbase.io.checkpoint import Checkpoint, task_vector
 from tvbase.store import Store
 from tvbase.testing.conformance import EXACT, EXACT_TOLERANCE
@@ -258,7 +263,7 @@ def test_the_loser_of_a_race_is_refused_whole(s3_store, zoo, monkeypatch):
         loser.ingest({"a2": zoo.tasks["a2"]}, device="cpu", progress=False)
     head = Store.open(s3_store)
     assert head.version == raced[0] and head.tasks == ["a0", "a1", "b0"]  # the winner's work, nothing of the loser's
-    assert [e["message"] for e in head.log()][0] == "ingest a1" and head.verify()["ok"]
+    assert head.log()[0]["message"] == "ingest a1" and head.verify()["ok"]
 
 
 def test_with_wait_the_loser_runs_again_and_both_land(s3_store, zoo, monkeypatch):
@@ -281,7 +286,7 @@ def test_two_writers_at_once_both_land_with_wait(s3_store, zoo):
             store = Store.open(s3_store)
             start.wait()
             store.ingest({task: zoo.tasks[task]}, device="cpu", progress=False, wait=60)
-        except Exception as e:  # reported below, with the other thread's outcome
+        except Exception as e:  # noqa: BLE001 (reported below, with the other thread's outcome)
             errors.append(e)
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in ("a1", "b1")]
