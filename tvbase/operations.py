@@ -163,7 +163,7 @@ def compact(store, params=None, device=None, progress=True, wait=0.0, max_memory
     The writer exclusion is held for the whole run, fit included: another writer waits for it
     (``--wait``) or is refused at once, so a finished fit is never thrown away because the store
     moved under it. (Where writers are told apart by commit conflicts, a writer that commits
-    first still wins, and compact then reports it.)
+    first still wins: compact is then refused whole, and run again while ``wait`` lasts.)
     """
     params = params or FitParams.from_dict(store.meta["params"])
     params.validate()
