@@ -121,6 +121,55 @@ def populated_copy(tmp_path, populated):
     return dest
 
 
+@pytest.fixture(scope="session")
+def moto_server():
+    """A moto S3 server on 127.0.0.1 at a free port, for the whole session (its state is in
+    memory; each test takes a bucket of its own): its endpoint URL. Stopped at the end."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request in failure reports
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@dataclass
+class S3Bucket:
+    """A bucket on the test S3 server: ``url(key)`` gives ``s3://BUCKET/KEY``."""
+
+    endpoint: str
+    bucket: str
+    client: object  # a boto3 S3 client of the server
+
+    def url(self, key=""):
+        return f"s3://{self.bucket}/{key}"
+
+
+@pytest.fixture
+def s3(moto_server, monkeypatch):
+    """A new bucket on the session's moto server, and the AWS variables pointing at it (for this
+    test only): static test credentials, plain http allowed, two tries per request."""
+    import uuid
+
+    import boto3
+
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_NO_SIGN_REQUEST", "AWS_PROFILE", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true", "AWS_MAX_ATTEMPTS": "2"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    bucket = f"tvbase-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=bucket)
+    return S3Bucket(moto_server, bucket, client)
+
+
 def _snapshot_state(store_path):
     """(head version id, {relative path: sha256} of every file under STORE/repo).
 

@@ -28,8 +28,9 @@ from .errors import (
 from .methods.params import FitParams
 from .methods.registry import METHODS, get_method
 from .recipe import DTYPES  # light: PyYAML is imported only when a recipe is read
-MODEL_FORMS = ("a .safetensors file, a folder of shards with model.safetensors.index.json, or the hub id "
-               "org/name[@revision] of a model in the local Hugging Face cache (never downloaded)")
+MODEL_FORMS = ("a .safetensors file, a folder of shards with model.safetensors.index.json, either one at an "
+               "s3://BUCKET/KEY, or the hub id org/name[@revision] of a model in the local Hugging Face cache "
+               "(never downloaded)")
 
 
 def parse_budget(text):
@@ -89,8 +90,15 @@ def parse_items(pairs, list_file):
             raise AlreadyExistsError(f"task name {name!r} is given twice; each task needs its own name")
         # a list's paths are relative to the list; a hub id is looked up now, so that a missing
         # one is reported with the path it was looked for beside the list
-        items[name] = Path(text) if relative_to is None else resolve_model_path(text, relative_to)
+        items[name] = _model_path(text) if relative_to is None else resolve_model_path(text, relative_to)
     return items
+
+
+def _model_path(text):
+    """A model path argument: an ``s3://`` URL stays text (a Path would fold its ``//``)."""
+    from .s3 import is_s3_url
+
+    return text if is_s3_url(text) else Path(text)
 
 
 def _fit_params(args, store=None):
@@ -390,16 +398,18 @@ def build_parser():
 
     def writer(p):
         p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                       help="wait this long for another writer's lock (default: %(default)s, refuse at once)")
+                       help="wait this long for another writer: for its lock, or, on S3, re-running this write "
+                       "after another writer committed first (default: %(default)s, refuse at once)")
 
     def listing(p):
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     def store(p):
-        p.add_argument("store", help="the store: a directory made by `tvbase init`")
+        p.add_argument("store", help="the store made by `tvbase init`: a directory or s3://BUCKET/PREFIX")
 
     p = command("init", cmd_init, "create a store for one base model")
-    p.add_argument("store", help="directory to create the store in (must not exist, or be empty)")
+    p.add_argument("store", help="where to create the store: a directory that does not exist or is empty, or an "
+                   "s3://BUCKET/PREFIX that holds no store (see the README for the AWS variables)")
     p.add_argument("--base", required=True, help=f"base model: {MODEL_FORMS}")
     _add_fit_options(p)
 
@@ -447,7 +457,7 @@ def build_parser():
                 "when the base is one)")
     p.add_argument("store")
     composition(p)
-    p.add_argument("--base", type=Path, help="the base model the store was created for (default: the recipe's, else the "
+    p.add_argument("--base", type=_model_path, help="the base model the store was created for (default: the recipe's, else the "
                    "path recorded at init, if its content is unchanged)")
     p.add_argument("-o", "--output", type=Path, help="output: a new (or empty) directory that gets model.safetensors (or "
                    "shards + index when large) and, for a base directory, its config and tokenizer files; or a "
@@ -463,7 +473,7 @@ def build_parser():
                    "adapter_model.safetensors (default: the recipe's output; one of the two is required)")
     p.add_argument("--rank", type=int, help="largest rank of any layer; a layer whose update has a higher rank is "
                    "truncated to it and the error reported (default: the recipe's, else 64)")
-    p.add_argument("--base", type=Path, help="where the base model is, if it moved since init (default: the recipe's, "
+    p.add_argument("--base", type=_model_path, help="where the base model is, if it moved since init (default: the recipe's, "
                    "else the path recorded at init, if its content is unchanged)")
     p.add_argument("--config", type=Path, help="folder with the model's config.json, for its layer types (default: "
                    "the base's folder)")

@@ -42,6 +42,16 @@ class StoreLockedError(TvbaseError):
     """Another writer holds the store's lock."""
 
 
+class CommitConflictError(StoreLockedError):
+    """Another writer committed first, so this write was refused whole (where writers are told
+    apart by Icechunk's commit conflicts, or the store changed under a fit); running the
+    operation again may succeed, which is what ``wait`` does."""
+
+
+class StorageError(TvbaseError):
+    """The storage cannot be reached, or refused access (credentials, permissions)."""
+
+
 class TvbaseWarning(UserWarning):
     """Something the user should know that does not stop the operation (the CLI prints one line)."""
 
@@ -55,6 +65,7 @@ EXIT_CODES = {
     IntegrityError: 6,
     FormatVersionError: 7,
     StoreLockedError: 8,
+    StorageError: 9,
     TvbaseError: 1,
 }
 

@@ -27,6 +27,7 @@ from .codec.bits import payload_nbytes
 from .codec.factors import matrix_shape
 from .codec.payload import PAYLOAD_CHUNK, packing_order, raw_bytes, zarr_compressors
 from .errors import FormatVersionError, IntegrityError, TvbaseError
+from .s3 import storage_error
 
 # 2: tasks may keep rows of a matrix whole (roles "rows", "row_ids"); version 1 stores read as before
 # 3: tasks may add rows after the base's (role "new_rows": fine-tunes that added tokens)
@@ -77,6 +78,8 @@ def read_array(array, label, selection=slice(None)):
             raise IntegrityError(f"checksum mismatch in array {label!r}: the store is damaged; run `tvbase verify`") from None
         raise IntegrityError(f"array {label!r} cannot be read ({e}): the store is damaged; run `tvbase verify`") from None
     except Exception as e:  # a missing or truncated chunk file surfaces as an Icechunk/IO error
+        if (unreachable := storage_error(e, label)) is not None:  # object storage down or refusing: no damage
+            raise unreachable from None
         raise IntegrityError(f"array {label!r} cannot be read ({type(e).__name__}: {e}): the store is damaged") from None
 
 

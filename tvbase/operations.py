@@ -9,7 +9,7 @@ import math
 import warnings
 
 from .devices import resolve_device
-from .errors import AlreadyExistsError, InvalidInputError, TvbaseError, TvbaseWarning
+from .errors import AlreadyExistsError, CommitConflictError, InvalidInputError, TvbaseError, TvbaseWarning
 from .format import drop_tasks, write_fit
 from .io.hub import absolute_path, resolve_model_path
 from .io.sources import LoraAdapter, StoredTask, TaskVectors, open_task
@@ -84,13 +84,19 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         base_checkpoint.close()
     with store._write(f"ingest {', '.join(items)}", {"op": "ingest", "tasks": list(items)}, wait) as (root, meta):
         taken = sorted(set(items) & set(meta["tasks"]))
-        if taken or (grows and (not _fitted_tasks(meta)) != first):
-            raise AlreadyExistsError(f"another writer changed the store during this ingest ({', '.join(taken) or 'new tasks'}); run it again")
+        if taken:
+            raise AlreadyExistsError(f"another writer added {', '.join(map(repr, taken))} during this ingest; nothing was written")
+        if grows and (not _fitted_tasks(meta)) != first:  # the fit no longer applies: a lost race, re-run by --wait
+            raise CommitConflictError(
+                "another writer changed whether the store holds fitted tasks during this ingest, so its fit no longer "
+                "applies; nothing was written: run it again, or pass --wait SECONDS"
+            )
         write_fit(root, meta, result, store.shapes, params, recorded, append=True)
         if grows and first and full:  # the first fit of the store's own method sets its defaults
             meta["params"] = params.to_dict()
     for message in duplicates:  # once committed: a refused ingest has nothing to warn of
-        warnings.warn(message, TvbaseWarning, stacklevel=3)  # names the caller of Store.ingest
+        # names the caller of Store.ingest: above are Store.ingest, rerun_on_conflict and its lambda
+        warnings.warn(message, TvbaseWarning, stacklevel=5)
     return store.version
 
 
@@ -157,7 +163,7 @@ def compact(store, params=None, device=None, progress=True, wait=0.0, max_memory
     The writer exclusion is held for the whole run, fit included: another writer waits for it
     (``--wait``) or is refused at once, so a finished fit is never thrown away because the store
     moved under it. (Where writers are told apart by commit conflicts, a writer that commits
-    first still wins, and compact then reports it.)
+    first still wins: compact is then refused whole, and run again while ``wait`` lasts.)
     """
     params = params or FitParams.from_dict(store.meta["params"])
     params.validate()

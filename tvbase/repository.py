@@ -5,8 +5,13 @@ A *location* says where the repository is and how writers exclude each other:
 
 - a local directory (``STORE/repo`` is the Icechunk repository, ``STORE/writer.lock`` an
   exclusive fcntl lock held by the one writer, recording who holds it);
-- ``memory://NAME``, an in-memory repository of this process (for tests), where Icechunk's
-  commit conflict detection refuses the second of two concurrent writers.
+- ``s3://BUCKET/PREFIX``, a repository in object storage through Icechunk's S3 storage
+  (settings from the usual AWS variables, see :mod:`tvbase.s3`);
+- ``memory://NAME``, an in-memory repository of this process (for tests).
+
+Object storage has no lock, so on the last two Icechunk's commit conflict detection refuses the
+later of two concurrent writers, whole, and :func:`rerun_on_conflict` runs its operation again
+when it may wait.
 
 The repository knows nothing of tvbase's format: a transaction yields a writable zarr root and
 commits it once.
@@ -28,7 +33,15 @@ import icechunk
 import zarr
 
 from ._version import __version__
-from .errors import AlreadyExistsError, IntegrityError, InvalidInputError, NotFoundError, StoreLockedError
+from .errors import (
+    AlreadyExistsError,
+    CommitConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    StoreLockedError,
+)
+from .s3 import S3Settings, is_s3_url, split_url, storage_error, storage_errors
 
 icechunk.set_logs_filter("error")  # its local-storage concurrency warning is handled by our lock
 
@@ -60,6 +73,10 @@ class Location(ABC):
     def prepare(self) -> None:
         """Make room for a new repository (after :meth:`check_vacant`)."""
         self.check_vacant()
+
+    def config(self) -> icechunk.RepositoryConfig | None:
+        """The Icechunk configuration to open the repository with (None: Icechunk's defaults)."""
+        return None
 
     def writer_exclusion(self, wait):
         """Context manager held for a whole write. Default: none; Icechunk's commit conflict
@@ -128,16 +145,91 @@ class InMemory(Location):
         self._storages.pop(self.name, None)  # a storage left by a create that failed before its commit
 
 
+class S3Location(Location):
+    """``s3://BUCKET/PREFIX``: a repository in object storage, read and written by Icechunk's S3
+    storage, with the endpoint, region and credentials of the environment (:mod:`tvbase.s3`).
+
+    There is no lock file: writers are told apart by Icechunk's commit conflict detection (the
+    default :meth:`Location.writer_exclusion`), and ``disk_bytes`` is what a listing of the
+    objects under the prefix adds up to.
+    """
+
+    def __init__(self, url):
+        self.bucket, key = split_url(url)
+        self.prefix = key.strip("/")
+        self.path = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.settings = S3Settings.from_env()  # once per open: a bad variable is refused before any request
+        self.settings.check_reachable(self.path)
+
+    def storage(self):
+        return self.settings.icechunk_storage(self.bucket, self.prefix)
+
+    def config(self):
+        return self.settings.icechunk_config()
+
+    def exists(self):
+        with storage_errors(self.path):
+            return icechunk.Repository.exists(self.storage())
+
+    def check_vacant(self):
+        if self.exists():
+            raise AlreadyExistsError(f"{self.path} already holds a repository; choose a new prefix")
+
+    def disk_bytes(self, repo):
+        files = self.settings.filesystem()
+        with storage_errors(self.path):
+            return int(files.du(f"{self.bucket}/{self.prefix}".rstrip("/"), total=True))
+
+
 def location(spec):
-    """The :class:`Location` named by ``spec``: ``memory://NAME``, or a local directory path."""
+    """The :class:`Location` named by ``spec``: ``s3://BUCKET/PREFIX``, ``memory://NAME``, or a
+    local directory path. Any other ``scheme://`` is refused, never taken for a folder name."""
     if isinstance(spec, Location):
         return spec
     text = str(spec)
     if text.startswith(MEMORY_SCHEME):
         return InMemory(text[len(MEMORY_SCHEME) :])
+    if is_s3_url(text):
+        return S3Location(text)
     if "://" in text:
-        raise InvalidInputError(f"store location {text!r} is not supported: give a local directory or {MEMORY_SCHEME}NAME")
+        raise InvalidInputError(
+            f"store location {text!r} is not supported: give a local directory, s3://BUCKET/PREFIX or {MEMORY_SCHEME}NAME"
+        )
     return LocalDirectory(spec)
+
+
+def rerun_on_conflict(operation, wait):
+    """``operation(wait_left)``, run again after a :class:`CommitConflictError` until ``wait``
+    seconds have passed; the last conflict is raised when they have.
+
+    A writer that loses a race where writers are told apart by commit conflicts learns it at
+    commit, after its fit, and nothing of it was committed. Its session is not rebased onto the
+    winner's commit (Icechunk's ``session.rebase(ConflictDetector())``): every tvbase write
+    rewrites the root group's ``tvbase`` attribute (task table, digest) and resizes ``payload``
+    and ``index``, so Icechunk finds a conflict in every pair of writes, and a solver that kept
+    this writer's side would drop the winner's tasks from the metadata. Nor can the fit be kept:
+    it depends on the head it started from (the first ingest fits shared bases, later ones
+    per-task SVD; the parameters are the store's; compact refits the head's tasks). So the whole
+    operation runs again on the new head: it re-reads the store, re-checks its input (a task
+    name the winner took is then refused as such), refits and commits. Only the loser pays, one
+    refit per lost race, and each race has a winner, so writers never all starve.
+
+    Parameters
+    ----------
+    operation : callable taking the seconds left to wait (for a location's lock) and returning
+        the operation's result.
+    wait : float, seconds; 0 refuses at the first conflict.
+    """
+    deadline = time.monotonic() + float(wait)
+    pause = 0.05
+    while True:
+        try:
+            return operation(max(deadline - time.monotonic(), 0.0))
+        except CommitConflictError:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)  # lets the winner finish what follows its commit
+            pause = min(2 * pause, 1.0)
 
 
 class WriterLock:
@@ -199,31 +291,38 @@ class Repository:
     def create(cls, where):
         """A new, empty repository (no tvbase version yet) at location ``where``."""
         where.prepare()
-        return cls(where, icechunk.Repository.create(where.storage()))
+        with storage_errors(where.path):
+            return cls(where, icechunk.Repository.create(where.storage(), config=where.config()))
 
     @classmethod
     def open(cls, where):
         if not where.exists():
             raise NotFoundError(f"no tvbase store at {where.path} (create one with `tvbase init {where.path} --base BASE`)")
-        return cls(where, icechunk.Repository.open(where.storage()))
+        with storage_errors(where.path):
+            return cls(where, icechunk.Repository.open(where.storage(), config=where.config()))
 
     def head(self):
         """Snapshot id of the latest version of ``main``."""
-        return self._repo.lookup_branch("main")
+        with storage_errors(self.location.path):
+            return self._repo.lookup_branch("main")
 
     def root(self, version):
         """The read-only zarr root group of snapshot ``version``."""
         try:
             return zarr.open_group(self._repo.readonly_session(snapshot_id=version).store, mode="r")
         except Exception as e:  # damaged snapshot or manifest: never a traceback, never a guess
+            mapped = storage_error(e, str(self.location.path))  # ...and an unreachable server is no damage
+            if mapped is not None:
+                raise mapped from None
             raise IntegrityError(f"store {self.location.path} is damaged at version {version}: {type(e).__name__}: {e}") from None
 
     def resolve(self, at):
         """Snapshot id of version ``at``: None (latest), a tag, or an id or unique id prefix."""
         if at is None:
             return self.head()
-        if at in self._repo.list_tags():
-            return self._repo.lookup_tag(at)
+        with storage_errors(self.location.path):
+            if at in self._repo.list_tags():
+                return self._repo.lookup_tag(at)
         matches = [v["id"] for v in self.log() if v["id"].startswith(at.upper())] if at else []
         if len(matches) == 1:
             return matches[0]
@@ -233,11 +332,12 @@ class Repository:
 
     def log(self):
         """Versions from newest to oldest: dicts with id, time, message, metadata."""
-        return [
-            {"id": s.id, "time": s.written_at.isoformat(timespec="seconds"), "message": s.message, "metadata": dict(s.metadata)}
-            for s in self._repo.ancestry(branch="main")
-            if "__root" not in s.metadata  # Icechunk's empty initial snapshot holds no tvbase store
-        ]
+        with storage_errors(self.location.path):
+            return [
+                {"id": s.id, "time": s.written_at.isoformat(timespec="seconds"), "message": s.message, "metadata": dict(s.metadata)}
+                for s in self._repo.ancestry(branch="main")
+                if "__root" not in s.metadata  # Icechunk's empty initial snapshot holds no tvbase store
+            ]
 
     @contextmanager
     def transaction(self, message, metadata, wait=0.0):
@@ -245,17 +345,21 @@ class Repository:
         commit once when the block ends without an exception (nothing is written otherwise).
 
         Raises StoreLockedError when another writer holds the location's lock past ``wait``
-        seconds, or committed first where writers are told apart by commit conflicts.
+        seconds, and its CommitConflictError when another writer committed first where writers
+        are told apart by commit conflicts (this write is then not committed at all; see
+        :func:`rerun_on_conflict`). A storage failure (StorageError) commits nothing either:
+        chunks written before it are unreferenced, and ``gc`` deletes them.
         """
-        with self.location.writer_exclusion(wait):
+        with self.location.writer_exclusion(wait), storage_errors(self.location.path):
             session = self._repo.writable_session("main")
             tx = Transaction(zarr.open_group(session.store, mode="a"), session.snapshot_id)  # "a": create makes the root
             yield tx
             try:
                 tx.version = session.commit(message, metadata={**metadata, "tvbase_version": __version__})
             except icechunk.ConflictError:
-                raise StoreLockedError(
-                    f"another writer committed to {self.location.path} during this write; nothing was written, run it again"
+                raise CommitConflictError(
+                    f"another writer committed to {self.location.path} during this write; nothing was written: run it "
+                    "again, or pass --wait SECONDS to re-run it until it commits"
                 ) from None
 
     def gc(self, keep, wait=0.0):
@@ -265,7 +369,7 @@ class Repository:
         """
         if not isinstance(keep, int) or keep < 1:
             raise InvalidInputError(f"--keep must be a positive integer, got {keep!r}")
-        with self.location.writer_exclusion(wait):
+        with self.location.writer_exclusion(wait), storage_errors(self.location.path):
             history = list(self._repo.ancestry(branch="main"))
             if len(history) <= keep:
                 return 0

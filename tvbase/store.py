@@ -15,7 +15,7 @@ from . import reports
 from .errors import InvalidInputError, NotFoundError
 from .methods.params import FitParams
 from .names import unknown_name
-from .repository import Repository, location
+from .repository import Repository, location, rerun_on_conflict
 from .snapshot import Snapshot
 
 
@@ -24,11 +24,14 @@ class Store:
 
     Use :meth:`create` or :meth:`open`. Reads see the snapshot the store was opened at; write
     methods (``ingest``, ``rm``, ``compact``, ``gc``) exclude other writers, commit once, and
-    move this object to the new snapshot.
+    move this object to the new snapshot. Their ``wait`` is how long to wait for another
+    writer: for a local store's lock, and, where writers are told apart by commit conflicts
+    (``s3://``, ``memory://``), how long to keep re-running an operation that lost a race (see
+    :func:`tvbase.repository.rerun_on_conflict`).
 
     Attributes
     ----------
-    path : Path (a local store) or str (``memory://NAME``)
+    path : Path (a local store) or str (``s3://BUCKET/PREFIX``, ``memory://NAME``)
     version : str, the snapshot id this object reads.
     meta : dict, the store's metadata at that version (see :mod:`tvbase.format`).
     """
@@ -45,9 +48,11 @@ class Store:
 
         Parameters
         ----------
-        path : str or Path, a directory that does not exist yet (or is empty), or ``memory://NAME``.
-        base : str or Path, or a hub id ``org/name[@revision]`` of a model in the local Hugging
-            Face cache (see :func:`tvbase.io.hub.resolve_model_path`); its path is recorded.
+        path : str or Path, a directory that does not exist yet (or is empty), an
+            ``s3://BUCKET/PREFIX`` that holds no repository yet, or ``memory://NAME``.
+        base : str or Path, an ``s3://`` URL, or a hub id ``org/name[@revision]`` of a model in
+            the local Hugging Face cache (see :func:`tvbase.io.hub.resolve_model_path`); its
+            path is recorded.
         params : FitParams, defaults for later ingests.
         """
         where = location(path)
@@ -177,7 +182,7 @@ class Store:
         params : FitParams or None, default: the store's recorded parameters.
         base : path (or cached hub id) of the base checkpoint, default: the path recorded at ``init``.
         device : where the factorization runs (default CUDA when available).
-        wait : seconds to wait for another writer's lock.
+        wait : seconds to wait for another writer (its lock, or re-runs after lost races).
         method : a name of ``tvbase.methods.METHODS``: "tvbase" (default), "svd", or a Task
             Vector Bases seed method: "pca", "autoencoder", "cluster-merge".
         n_components : number of basis vectors M for a seed method (default T // 2, or the
@@ -196,13 +201,16 @@ class Store:
         """
         from . import operations
 
-        return operations.ingest(self, items, params, base, device, progress, wait, method, n_components, max_memory)
+        return rerun_on_conflict(
+            lambda left: operations.ingest(self, items, params, base, device, progress, left, method, n_components, max_memory),
+            wait,
+        )
 
     def rm(self, names, wait=0.0):
         """Remove tasks (one commit). Their bytes are reclaimed by ``compact``."""
         from . import operations
 
-        return operations.rm(self, names, wait)
+        return rerun_on_conflict(lambda left: operations.rm(self, names, left), wait)
 
     def compact(self, params=None, device=None, progress=True, wait=0.0, max_memory=None):
         """Refit clusters and shared factors over every task in the store, as one commit.
@@ -215,7 +223,7 @@ class Store:
         """
         from . import operations
 
-        return operations.compact(self, params, device, progress, wait, max_memory)
+        return rerun_on_conflict(lambda left: operations.compact(self, params, device, progress, left, max_memory), wait)
 
     def gc(self, keep, wait=0.0):
         """Expire all but the ``keep`` newest versions of main and delete what only they used.

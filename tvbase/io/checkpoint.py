@@ -1,7 +1,8 @@
 """Read safetensors checkpoints: the only way model weights enter tvbase.
 
 A :class:`Checkpoint` is a read-only, lazy view of one checkpoint, either a single ``.safetensors`` file
-or a directory of shards with a Hugging Face ``model.safetensors.index.json``. Everything that can be
+or a directory of shards with a Hugging Face ``model.safetensors.index.json``, on a local disk or
+in object storage (``s3://BUCKET/KEY``, read through s3fs: see :func:`_open_s3`). Everything that can be
 checked without reading tensor data is checked in :meth:`Checkpoint.open`, so later code trusts it:
 the safetensors headers are parsed and validated by our own code before the file reaches the
 safetensors library, shard paths may not escape the directory (a snapshot folder of the Hugging
@@ -28,8 +29,10 @@ from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as safetensors_load
 
 from tvbase.errors import BaseMismatchError, InvalidInputError, NotFoundError
+from tvbase.s3 import S3Settings, is_s3_url, split_url, storage_errors
 
 from .hub import cache_blobs
 
@@ -64,9 +67,10 @@ _TORCH_DTYPES = {
 
 
 class _Entry(NamedTuple):
-    """Where one tensor lives: ``begin``/``end`` are absolute byte offsets in ``file``."""
+    """Where one tensor lives: ``begin``/``end`` are absolute byte offsets in ``file`` (a local
+    path, or the ``s3://`` URL of an object)."""
 
-    file: Path
+    file: Path | str
     dtype: str
     shape: tuple[int, ...]
     begin: int
@@ -86,17 +90,18 @@ class Checkpoint:
 
     Attributes
     ----------
-    path : Path
-        The path given to :meth:`open`.
-    files : list of Path
-        The safetensors files holding the tensors, sorted.
+    path : Path or str
+        The path given to :meth:`open` (an ``s3://`` URL stays a str).
+    files : list of Path or str
+        The safetensors files (or objects) holding the tensors, sorted.
     names : list of str
         Every tensor name, sorted.
     """
 
-    def __init__(self, path: Path, entries: dict[str, _Entry]):
+    def __init__(self, path: Path | str, entries: dict[str, _Entry]):
         # Private: use Checkpoint.open, which validates ``entries``.
         self.path = path
+        self._s3 = None  # the s3fs file system, made on the first read of an s3:// object
         self._entries = dict(sorted(entries.items()))
         self.names = list(self._entries)
         self.files = sorted({entry.file for entry in self._entries.values()})
@@ -113,7 +118,8 @@ class Checkpoint:
         path : str or os.PathLike
             A ``.safetensors`` file; a directory with ``model.safetensors.index.json`` and its
             shards; a directory holding exactly one ``.safetensors`` file; or the index file itself.
-            A directory may be a snapshot folder of the Hugging Face cache, whose files link into
+            Each may be in object storage: ``s3://BUCKET/KEY`` of a file, or of a prefix holding
+            the files as a directory would. A directory may be a snapshot folder of the Hugging Face cache, whose files link into
             the cache entry's ``blobs/``. (A hub id is resolved to such a folder by
             :func:`tvbase.io.hub.resolve_model_path`, not here.)
 
@@ -124,12 +130,19 @@ class Checkpoint:
         Raises
         ------
         NotFoundError
-            If ``path`` does not exist.
+            If ``path`` (or its bucket) does not exist.
+        StorageError
+            If object storage cannot be reached or refuses access.
         InvalidInputError
             If the checkpoint is a pickle format, a header or index is malformed or truncated, a
             shard is missing or lies outside the directory (or its cache entry's blobs), or it
             holds no tensors.
         """
+        if is_s3_url(path):
+            entries = _open_s3(path)
+            if not entries:
+                raise InvalidInputError(f"checkpoint {path!r} holds no tensors: expected at least one.")
+            return cls(path, entries)
         path = Path(path)
         if not path.exists():
             raise NotFoundError(
@@ -240,6 +253,14 @@ class Checkpoint:
 
     def _read_with_safetensors(self, entry: _Entry, name: str) -> torch.Tensor:
         """A dtype we do not decode ourselves: safetensors reads it, mapped only for this call."""
+        if isinstance(entry.file, str):  # an object: its bytes, in a one-tensor safetensors buffer
+            header = json.dumps({name: {"dtype": entry.dtype, "shape": list(entry.shape),
+                                        "data_offsets": [0, entry.end - entry.begin]}}).encode()
+            buffer = struct.pack("<Q", len(header)) + header + self._read(entry).numpy().tobytes()
+            try:
+                return safetensors_load(buffer)[name]
+            except SafetensorError as error:
+                raise InvalidInputError(f"cannot read tensor {name!r} ({entry.dtype}) from {entry.file!r}: {error}") from error
         try:
             with safe_open(str(entry.file), framework="pt", device="cpu") as f:
                 return f.get_tensor(name).clone()
@@ -285,7 +306,11 @@ class Checkpoint:
                 "see Checkpoint.names for the tensors it holds."
             ) from None
 
-    def _handle(self, file: Path):
+    def _handle(self, file: Path | str):
+        if file not in self._handles and isinstance(file, str):  # an s3:// object: ranged reads
+            if self._s3 is None:
+                self._s3 = S3Settings.from_env().filesystem()
+            self._handles[file] = _S3Reader(self._s3, file)
         if file not in self._handles:
             try:
                 self._handles[file] = open(file, "rb", buffering=0)  # noqa: SIM115 (closed by close())
@@ -537,30 +562,40 @@ def _same_bytes(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
 
 
 def _open_directory(directory: Path) -> dict[str, _Entry]:
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
-    if (directory / INDEX_NAME).exists():
-        indexes = [directory / INDEX_NAME]
+    names = [p.name for p in directory.iterdir() if p.is_file() or p.is_symlink()]
+    kind, name = _choose_files(directory, names)
+    path = directory / name
+    _check_inside(path, directory, what="index" if kind == "index" else "safetensors file")
+    return _read_index(path, directory) if kind == "index" else _read_header(path)
+
+
+def _choose_files(directory: Path | str, names: list[str]) -> tuple[str, str]:
+    """What to read of a checkpoint directory (or ``s3://`` prefix) holding files ``names``:
+    ``("index", name)`` of its shard index or ``("weights", name)`` of its one safetensors file.
+
+    Raises InvalidInputError, saying what to do, when there is no such choice.
+    """
+    indexes = sorted(name for name in names if name.endswith(".safetensors.index.json"))
+    if INDEX_NAME in indexes:
+        indexes = [INDEX_NAME]
     if len(indexes) > 1:
         raise InvalidInputError(
             f"checkpoint directory {str(directory)!r} holds {len(indexes)} safetensors indexes "
-            f"({', '.join(index.name for index in indexes)}): expected one; pass the index file to open."
+            f"({', '.join(indexes)}): expected one; pass the index file to open."
         )
     if indexes:
-        _check_inside(indexes[0], directory, what="index")
-        return _read_index(indexes[0], directory)
+        return "index", indexes[0]
     # Hidden files are editor or OS droppings (e.g. macOS "._model.safetensors"), never weights.
-    weights = sorted(p for p in directory.glob("*.safetensors") if not p.name.startswith("."))
+    weights = sorted(name for name in names if name.endswith(".safetensors") and not name.startswith("."))
     if len(weights) == 1:
-        _check_inside(weights[0], directory, what="safetensors file")
-        _refuse_non_safetensors(weights[0])
-        return _read_header(weights[0])
+        return "weights", weights[0]
     if len(weights) > 1:
         raise InvalidInputError(
             f"checkpoint directory {str(directory)!r} holds {len(weights)} .safetensors files "
             f"({_first_names(weights)}) but no {INDEX_NAME}: expected one file, or shards with an index; "
             "add the index, or open a single file."
         )
-    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    pickles = sorted(name for name in names if Path(name).suffix in PICKLE_SUFFIXES)
     if pickles:
         raise InvalidInputError(
             f"checkpoint directory {str(directory)!r} holds only pickle weight files ({_first_names(pickles)}): "
@@ -574,17 +609,18 @@ def _open_directory(directory: Path) -> dict[str, _Entry]:
     )
 
 
-def _refuse_non_safetensors(file: Path) -> None:
-    if file.suffix in PICKLE_SUFFIXES:
+def _refuse_non_safetensors(file: Path | str) -> None:
+    suffix = Path(file).suffix  # also of an s3:// URL, which str(file) keeps whole for messages
+    if suffix in PICKLE_SUFFIXES:
         raise InvalidInputError(
-            f"{str(file)!r} is a pickle checkpoint ({file.suffix}): pickle checkpoints are refused for "
+            f"{str(file)!r} is a pickle checkpoint ({suffix}): pickle checkpoints are refused for "
             "safety (loading them can run arbitrary code); convert it to safetensors (e.g. "
             "safetensors.torch.save_file on a state dict loaded with torch.load(weights_only=True))."
         )
-    if file.suffix != ".safetensors":
+    if suffix != ".safetensors":
         raise InvalidInputError(
             f"{str(file)!r} is not a safetensors file: expected a .safetensors suffix, found "
-            f"{file.suffix or 'none'!r}; convert the checkpoint to safetensors."
+            f"{suffix or 'none'!r}; convert the checkpoint to safetensors."
         )
 
 
@@ -610,9 +646,12 @@ def _check_inside(file: Path, directory: Path, what: str) -> None:
         )
 
 
-def _read_index(index: Path, directory: Path) -> dict[str, _Entry]:
+def _read_index(index: Path | str, directory: Path | str, files=None) -> dict[str, _Entry]:
+    """Entries of every tensor of a sharded checkpoint; ``files``: the s3fs file system that
+    ``index`` and ``directory`` (then ``s3://`` URLs) are read through, None for local paths."""
     try:
-        content = json.loads(index.read_text(encoding="utf-8"))
+        text = index.read_text(encoding="utf-8") if files is None else files.cat_file(_s3_key(index)).decode("utf-8")
+        content = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InvalidInputError(
             f"index {str(index)!r} is not valid JSON ({error}): expected "
@@ -628,7 +667,8 @@ def _read_index(index: Path, directory: Path) -> dict[str, _Entry]:
         )
     headers = {}
     for shard in sorted(set(weight_map.values())):
-        headers[shard] = _read_header(_shard_path(shard, index, directory))
+        path = _shard_path(shard, index, directory) if files is None else _s3_shard(files, shard, index, directory)
+        headers[shard] = _read_header(path, files)
     entries = {}
     for name, shard in weight_map.items():
         if name not in headers[shard]:
@@ -641,34 +681,43 @@ def _read_index(index: Path, directory: Path) -> dict[str, _Entry]:
     return entries
 
 
-def _shard_path(shard: str, index: Path, directory: Path) -> Path:
+def _check_shard_name(shard: str, index: Path | str) -> None:
     parts = PurePosixPath(shard).parts + PureWindowsPath(shard).parts
     if not shard or PurePosixPath(shard).is_absolute() or PureWindowsPath(shard).is_absolute() or ".." in parts:
         raise InvalidInputError(
             f"index {str(index)!r} names shard {shard!r}: expected a file name relative to the "
             "checkpoint directory, without '..' or an absolute path; fix the index."
         )
+
+
+def _missing_shard(shard: str, index: Path | str, directory: Path | str) -> InvalidInputError:
+    return InvalidInputError(
+        f"index {str(index)!r} names shard {shard!r}, which is missing from {str(directory)!r}; "
+        "download or copy the missing shard."
+    )
+
+
+def _shard_path(shard: str, index: Path, directory: Path) -> Path:
+    _check_shard_name(shard, index)
     path = directory / shard
     if not path.is_file():
-        raise InvalidInputError(
-            f"index {str(index)!r} names shard {shard!r}, which is missing from {str(directory)!r}; "
-            "download or copy the missing shard."
-        )
+        raise _missing_shard(shard, index, directory)
     _check_inside(path, directory, what="shard")
     _refuse_non_safetensors(path)
     return path
 
 
-def _read_header(file: Path) -> dict[str, _Entry]:
-    """Parse and validate a safetensors header without trusting any of it."""
-    size = file.stat().st_size
+def _read_header(file: Path | str, files=None) -> dict[str, _Entry]:
+    """Parse and validate a safetensors header without trusting any of it; ``files``: the s3fs
+    file system an ``s3://`` ``file`` is read through (two ranged reads), None for a local path."""
+    size = file.stat().st_size if files is None else files.size(_s3_key(file))
     where = f"safetensors file {str(file)!r}"
     if size < 8:
         raise InvalidInputError(
             f"{where} is {size} bytes: expected at least 8 (the header length); "
             "the file is truncated or not safetensors: re-export or re-download it."
         )
-    with open(file, "rb") as handle:
+    with open(file, "rb") if files is None else _S3Reader(files, file) as handle:
         (header_bytes,) = struct.unpack("<Q", handle.read(8))
         if header_bytes > _MAX_HEADER_BYTES:
             raise InvalidInputError(
@@ -794,9 +843,9 @@ def _hash_range(digest, file, entry: _Entry) -> None:
         remaining -= len(chunk)
 
 
-def _first_names(paths: list[Path], limit: int = 5) -> str:
-    shown = ", ".join(path.name for path in paths[:limit])
-    return shown + (f", ... and {len(paths) - limit} more" if len(paths) > limit else "")
+def _first_names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _summarize(kind: str, items: list[str], plural: str | None = None, limit: int = 5) -> str:
@@ -806,3 +855,98 @@ def _summarize(kind: str, items: list[str], plural: str | None = None, limit: in
     shown = ", ".join(items[:limit])
     more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
     return f"{len(items)} {noun}: {shown}{more}"
+
+
+# --- object storage ------------------------------------------------------------------------------------
+
+
+def _s3_key(url: str) -> str:
+    """``s3://BUCKET/KEY`` -> ``BUCKET/KEY``, the path s3fs takes."""
+    return url[len("s3://") :]
+
+
+def _open_s3(url: str) -> dict[str, _Entry]:
+    """Entries of a checkpoint in object storage, checked by the same code as a local one.
+
+    ``url`` names a ``.safetensors`` object, a shard index, or a prefix holding what a
+    checkpoint directory would (``model.safetensors.index.json`` and its shards, or one
+    ``.safetensors`` object). Only the headers and the index are read here, with ranged reads.
+    A LoRA adapter folder is read from a local disk only.
+    """
+    split_url(url)  # refuses a malformed bucket name before any request
+    settings = S3Settings.from_env()
+    settings.check_reachable(url)
+    files = settings.filesystem()
+    key = _s3_key(url).rstrip("/")
+    with storage_errors(url):
+        try:
+            kind = files.info(key)["type"]
+        except FileNotFoundError as error:
+            if "bucket" in str(error).lower():
+                raise  # storage_errors names the missing bucket
+            raise NotFoundError(
+                f"checkpoint {url!r} does not exist: expected a .safetensors object, or a prefix holding "
+                f"{INDEX_NAME} and its shards (or one .safetensors object); check the URL."
+            ) from None
+        if kind == "directory":
+            prefix = url.rstrip("/")
+            names = [PurePosixPath(path).name for path in files.ls(key, detail=False)]
+            if "adapter_config.json" in names:
+                raise InvalidInputError(
+                    f"{prefix!r} holds a PEFT LoRA adapter (adapter_config.json): adapters are read from a local "
+                    "folder only; copy it to a local disk first (e.g. `aws s3 cp --recursive`)."
+                )
+            kind, name = _choose_files(prefix, names)
+            found = f"{prefix}/{name}"
+            return _read_index(found, prefix, files) if kind == "index" else _read_header(found, files)
+        if key.endswith(".safetensors.index.json"):
+            return _read_index(url, url.rsplit("/", 1)[0], files)
+        _refuse_non_safetensors(url)
+        return _read_header(url, files)
+
+
+def _s3_shard(files, shard: str, index: str, prefix: str) -> str:
+    """The URL of a shard the index at ``index`` names (objects are no links: a name without
+    ``..`` stays under the prefix)."""
+    _check_shard_name(shard, index)
+    url = f"{prefix}/{shard}"
+    if not files.isfile(_s3_key(url)):
+        raise _missing_shard(shard, index, prefix)
+    _refuse_non_safetensors(url)
+    return url
+
+
+class _S3Reader:
+    """One ``s3://`` object opened for reading with ranged GETs of the bytes asked for and no
+    more (fsspec's ``cache_type="none"``: nothing read ahead, nothing kept), every failure a
+    tvbase error."""
+
+    def __init__(self, files, url: str):
+        self.url = url
+        with storage_errors(url):
+            try:
+                self._file = files.open(_s3_key(url), "rb", cache_type="none")
+            except FileNotFoundError:
+                raise InvalidInputError(
+                    f"cannot open {url!r}: the object is gone; it changed since it was opened: upload it again."
+                ) from None
+
+    def seek(self, offset: int) -> None:
+        self._file.seek(offset)
+
+    def read(self, n: int) -> bytes:
+        with storage_errors(self.url):
+            return self._file.read(n)
+
+    def readinto(self, view) -> int:
+        with storage_errors(self.url):
+            return self._file.readinto(view)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from tvbase.errors import InvalidInputError, NotFoundError
+from tvbase.s3 import is_s3_url
 
 __all__ = ["absolute_path", "cache_blobs", "hub_cache_dir", "is_hub_id", "resolve_model_path"]
 
@@ -51,9 +52,10 @@ def resolve_model_path(path: str | os.PathLike, relative_to: str | os.PathLike |
 
     Returns
     -------
-    Path
+    Path or str
         The local path when it exists or ``path`` is not a hub id (opening it then says what is
-        wrong), else the snapshot folder ``CACHE/models--ORG--NAME/snapshots/COMMIT``.
+        wrong), else the snapshot folder ``CACHE/models--ORG--NAME/snapshots/COMMIT``; an
+        ``s3://`` URL is returned as it is.
 
     Raises
     ------
@@ -63,6 +65,8 @@ def resolve_model_path(path: str | os.PathLike, relative_to: str | os.PathLike |
     InvalidInputError
         If the cache entry's ref is malformed.
     """
+    if is_s3_url(path):  # an object in a bucket: never a local path, never a hub id
+        return path
     local = Path(relative_to or "", path)
     if local.exists() or not is_hub_id(path):
         return local
@@ -107,10 +111,11 @@ def cache_blobs(directory: Path) -> Path | None:
     return None
 
 
-def absolute_path(path: str | os.PathLike) -> Path:
-    """``path`` made absolute without following symlinks: what a store records for an input.
+def absolute_path(path: str | os.PathLike) -> Path | str:
+    """``path`` made absolute without following symlinks: what a store records for an input
+    (an ``s3://`` URL is already absolute, and stays a str).
 
     A file of a cache snapshot is a symlink to a blob without the file's name or suffix, so the
     link, not its target, is what can be opened again (by ``compact``, or as the base).
     """
-    return Path(os.path.abspath(path))
+    return path if is_s3_url(path) else Path(os.path.abspath(path))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..s3 import is_s3_url
 from .checkpoint import Checkpoint, check_compatible, new_rows, task_vector
 from .lora import LoraAdapter
 
@@ -93,7 +94,7 @@ class FullCheckpoint(TaskVectorSource):
         return True  # the fallback: Checkpoint.open says what is wrong with anything else
 
     def __init__(self, path: str | os.PathLike, base: Checkpoint, reference: dict, label: str):
-        self.path, self.label, self._base = Path(path), label, base
+        self.path, self.label, self._base = path if is_s3_url(path) else Path(path), label, base
         self._checkpoint = Checkpoint.open(path)
         try:
             self._tied = check_compatible(reference, self._checkpoint, label, base=base)
@@ -143,7 +144,10 @@ INPUT_FORMATS = [LoraAdapter, FullCheckpoint]
 
 
 def open_task(path: str | os.PathLike, base: Checkpoint, reference: dict, label: str) -> TaskVectorSource:
-    """Open the input at ``path`` with the first format of :data:`INPUT_FORMATS` that accepts it."""
+    """Open the input at ``path`` with the first format of :data:`INPUT_FORMATS` that accepts it;
+    an ``s3://`` URL is a full checkpoint (adapters are read from local folders)."""
+    if is_s3_url(path):
+        return FullCheckpoint(path, base, reference, label)
     path = Path(path)
     fmt = next(f for f in INPUT_FORMATS if f.accepts(path))
     return fmt(path, base, reference, label)
