@@ -124,6 +124,10 @@ def test_a_store_built_from_s3_checkpoints_matches_one_built_from_local_files(s3
         assert relative_error(remote.get(task, device="cpu"), zoo.task_vectors[task]) < EXACT_TOLERANCE
     remote.compact(device="cpu", progress=False)
     assert {remote.meta["tasks"][t]["refit_from"] for t in tasks} == {"original"}
+    # apply against the base on S3: the merged weights alone, into a new local directory
+    code, _, err = _run(["apply", tmp_path / "remote", "a0", "-o", tmp_path / "merged", "--device", "cpu"])
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["model.safetensors"]
 
 
 def test_bad_checkpoints_on_s3_are_refused_as_local_ones_are(s3, s3_zoo, zoo, tmp_path):

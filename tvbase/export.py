@@ -15,6 +15,7 @@ import torch
 
 from .io.checkpoint import PICKLE_SUFFIXES
 from .io.save import check_new_directory, save_checkpoint, write_directory_atomic
+from .s3 import is_s3_url
 
 __all__ = ["apply_composition", "model_files", "write_composition"]
 
@@ -153,7 +154,10 @@ def _write(output, write):
 
 def _model_directory(path):
     """The model directory of a base checkpoint: itself, the folder of its index file, or None
-    for a single weights file (whose folder may hold anything)."""
+    for a single weights file (whose folder may hold anything) and for a base on S3 (its
+    weights are written alone)."""
+    if is_s3_url(path):
+        return None
     path = Path(path)
     if path.is_dir():
         return path
