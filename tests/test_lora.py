@@ -273,3 +273,21 @@ def test_export_lora_from_a_recipe(bert, mixed_store, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert not report["exact"] and max(report["ranks"].values()) == 3
     assert (tmp_path / "out" / "adapter_config.json").is_file()  # relative to the recipe's folder
+
+
+def test_conv_and_plain_module_adapters_equal_peft_merge(tmp_path):
+    """LoRA on a Conv2d and a Linear of a plain torch module (no transformers): peft's merge."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.fc = torch.nn.Linear(8, 5)
+
+    torch.manual_seed(0)
+    model = Net()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors")
+    update = _adapter(model, tmp_path / "adapter", 4, target_modules=["conv", "fc"], r=2)
+    store = Store.create(tmp_path / "s", tmp_path / "base.safetensors", params=FitParams(lora_bits=32))
+    store.ingest({"c": tmp_path / "adapter"}, progress=False)
+    assert _rel_error(store, "c", update) < 1e-5
