@@ -23,6 +23,7 @@ import torch
 from .errors import InvalidInputError
 from .io.hub import resolve_model_path
 from .io.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, resolve_name
+from .reconstruct import svd_form
 
 DEFAULT_RANK = 64  # the largest rank of an exported layer when none is asked for
 # layer types LoRA wraps, by class name -> how peft lays out the factors of their weight
@@ -97,7 +98,7 @@ def export_lora(store, coefficients, output, rank=DEFAULT_RANK, base=None, devic
                 whole.setdefault(layer, {})[name] = delta
                 energy += total
                 continue
-            left, right, s = _svd_form(*pair)
+            left, right, s = svd_form(*pair)
             r = min(rank, int((s > s[:1] * 1e-6).sum()) if len(s) else 0)
             energy += float(s.double().square().sum())
             left_out += float(s[r:].double().square().sum())
@@ -166,15 +167,6 @@ def _layers(config_dir):
         for parameter, _ in module.named_parameters(recurse=False):
             layers[f"{layer}.{parameter}" if layer else parameter] = (layer, type(module).__name__, parameter)
     return layers
-
-
-def _svd_form(left, right):
-    """``left @ right.T`` as ``(L (m, k), R (n, k), s (k,))`` with orthogonal columns, ``L = U s``,
-    singular values descending (two thin QRs and an SVD of k x k, in float64)."""
-    q_l, r_l = torch.linalg.qr(left.double())
-    q_r, r_r = torch.linalg.qr(right.double())
-    u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)
-    return (q_l @ (u * s)).float(), (q_r @ vh.T).float(), s
 
 
 def _factor_keys(layout):

@@ -123,6 +123,19 @@ def factor_tensor(shape, terms, device="cpu"):
     return torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
 
 
+def svd_form(left, right):
+    """``left @ right.T`` (``left`` (m, k), ``right`` (n, k)) in SVD form, without forming it.
+
+    Returns ``(L, R, s)``, float64: ``L = U diag(s)`` (m, k') and ``R = V`` (n, k') with
+    orthonormal ``U``, ``V``, ``s`` (k',) descending, ``k' = min(k, m, n)``; from two thin QRs and
+    an SVD of the small product of their triangles.
+    """
+    q_l, r_l = torch.linalg.qr(left.double())  # (m, k'), (k', k)
+    q_r, r_r = torch.linalg.qr(right.double())  # (n, k'), (k', k)
+    u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)  # (k', k')
+    return q_l @ (u * s), q_r @ vh.T, s
+
+
 def _sum_per_basis(terms, part, device):
     """[(basis, sum of alpha_t * part_t over the basis's tasks)] for tasks with that part.
 

@@ -1,10 +1,10 @@
 """LoRA adapters stored from their own factors: no fit, nothing densified.
 
 An adapter's update of a matrix is ``L R^T`` of rank ``r`` (see :class:`tvbase.io.lora.LoraAdapter`).
-It is stored as the task's own low-rank term ``A B^T`` in SVD form: ``L = Q_L R_L`` and
-``R = Q_R R_R`` (thin QR), ``R_L R_R^T = u s v^T`` (r x r), ``A = Q_L u s``, ``B = Q_R v``. The
-product is unchanged; the SVD form puts the energy in the leading columns and gives each factor
-column its own quantization scale, as every stored low-rank term does. Weights the adapter saves
+It is stored as the task's own low-rank term ``A B^T`` in SVD form
+(:func:`tvbase.reconstruct.svd_form`: two thin QRs and an r x r SVD). The product is unchanged;
+the SVD form puts the energy in the leading columns and gives each factor column its own
+quantization scale, as every stored low-rank term does. Weights the adapter saves
 whole are stored as rows (matrices: every row its own scale) or densely (vectors).
 """
 
@@ -13,6 +13,7 @@ import torch
 from ..codec import matrix_shape
 from ..codec.factors import TaskTensor
 from ..codec.quantize import dequantize, quantize
+from ..reconstruct import svd_form
 from .result import FitResult
 from .tucker import _column_signs
 
@@ -58,12 +59,9 @@ def fit_lora(sources, shapes, params):
 def _lowrank(left, right, bits):
     """(A, B) quantized, with ``||L R^T - A B^T||^2`` and ``||L R^T||^2``, for ``left`` (m, r),
     ``right`` (n, r)."""
-    q_l, r_l = torch.linalg.qr(left.double())  # (m, r), (r, r)
-    q_r, r_r = torch.linalg.qr(right.double())  # (n, r), (r, r)
-    u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)  # (r, r)
+    a, b, s = svd_form(left, right)  # (m, r), (n, r), (r,)
     kept = s > s[:1] * 1e-7  # columns with nothing in them are not stored
-    u, s, v = u[:, kept], s[kept], vh[kept].T
-    a, b = q_l @ (u * s), q_r @ v  # (m, q), (n, q)
+    a, b = a[:, kept], b[:, kept]  # (m, q), (n, q)
     signs = _column_signs(a)
     qa, qb = quantize((a * signs).float(), bits), quantize((b * signs).float(), bits)
     A, B = dequantize(qa).double(), dequantize(qb).double()
