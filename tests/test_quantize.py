@@ -13,6 +13,7 @@ from tvbase.codec.quantize import (
     _pack_codes,
     _unpack_codes,
     dequantize,
+    keep_columns,
     parse_bits,
     payload_nbytes,
     quantize,
@@ -214,3 +215,13 @@ def test_dequantize_on_cuda_matches_cpu(bits):
     assert torch.equal(y.cpu(), dequantize(q))
     # Quantizing on the GPU gives the same payload as on the CPU.
     assert quantize(x.cuda(), bits) == q
+
+
+@pytest.mark.parametrize("bits", [32, 16, 8, 4, 2])
+@pytest.mark.parametrize("shape", [(7, 5), (1000, 33), (3, 1)])
+def test_keep_columns_equals_quantizing_the_kept_columns(bits, shape):
+    q = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(1)), bits)
+    for cols in range(shape[1] + 1):
+        assert keep_columns(q, cols) == quantize(dequantize(q)[:, :cols].contiguous(), bits)
+    with pytest.raises(InvalidInputError, match="cannot keep"):
+        keep_columns(q, shape[1] + 1)

@@ -12,7 +12,11 @@ from .codec.payload import PAYLOAD_CHUNK
 from .errors import IntegrityError
 from .format import OWNER_SHARED, OWNER_TASK, ROLES, load, read_array
 
-_CHUNK_CACHE = 8  # decoded payload chunks kept per open snapshot (16 MiB)
+# Decoded payload chunks kept per open snapshot: at least 8 (16 MiB), and two per owner (task or
+# cluster) a rebuild reads from, up to 128 (256 MiB). Each owner's factors lie tensor after tensor
+# in the payload, so a rebuild walks every owner's region forward; with fewer chunks than that, a
+# composition of 8 tasks decoded each chunk about 15 times over.
+_MIN_CHUNK_CACHE, _MAX_CHUNK_CACHE = 8, 128
 
 
 class Snapshot:
@@ -41,7 +45,8 @@ class Snapshot:
         for row in self.index:
             self._rows.setdefault((int(row[0]), int(row[1]), int(row[2])), {})[ROLES[int(row[3])]] = row
         self._shared_cache = {}
-        self._chunk_cache = {}  # chunk number -> decoded bytes, at most _CHUNK_CACHE of them
+        self._chunk_cache = {}  # chunk number -> decoded bytes, at most _cache_chunks of them
+        self._cache_chunks = _MIN_CHUNK_CACHE
 
     @property
     def shapes(self):
@@ -78,6 +83,8 @@ class Snapshot:
         return {names[int(r[2])]: int(r[5]) for r in self.index if int(r[0]) == OWNER_TASK and int(r[1]) == tid and int(r[3]) == role}
 
     def _terms(self, name, coefficients):
+        clusters = {self.meta["tasks"][task]["cluster"] for task in coefficients}
+        self._cache_chunks = min(max(_MIN_CHUNK_CACHE, 2 * (len(coefficients) + len(clusters))), _MAX_CHUNK_CACHE)
         terms = []
         for task in sorted(coefficients):
             cluster = self.meta["tasks"][task]["cluster"]
@@ -95,7 +102,7 @@ class Snapshot:
         parts = []
         for chunk in range(start // PAYLOAD_CHUNK, (max(end, start + 1) - 1) // PAYLOAD_CHUNK + 1):
             if chunk not in self._chunk_cache:
-                if len(self._chunk_cache) >= _CHUNK_CACHE:
+                if len(self._chunk_cache) >= self._cache_chunks:
                     self._chunk_cache.pop(next(iter(self._chunk_cache)))  # oldest first
                 lo = chunk * PAYLOAD_CHUNK
                 self._chunk_cache[chunk] = read_array(self.payload, "payload", slice(lo, lo + PAYLOAD_CHUNK))

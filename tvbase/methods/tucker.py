@@ -33,7 +33,7 @@ from ..codec import (
     payload_nbytes,
     store_disk_bytes,
 )
-from ..codec.quantize import QuantizedMatrix, dequantize, quantize
+from ..codec.quantize import QuantizedMatrix, dequantize, keep_columns, quantize
 from ..errors import InvalidInputError
 from ..reconstruct import rebuild_tensor
 from .budget import allocate_ranks, cumulative, uniform_ranks
@@ -324,7 +324,7 @@ class _Fit:
             if a == 0 or b == 0:
                 continue  # nothing kept for this tensor in this cluster
             spent += cost[r]
-            self.result.clusters.setdefault(c, {})[name] = SharedBasis(U=_keep_columns(qU, a), V=_keep_columns(qV, b))
+            self.result.clusters.setdefault(c, {})[name] = SharedBasis(U=keep_columns(qU, a), V=keep_columns(qV, b))
             for t in group:
                 C = self._spill.get_tensor(("core", t, name))  # (ru_max, rv_max)
                 self.result.tasks[t][name].core = quantize(C[:a, :b].contiguous(), bits)
@@ -521,8 +521,8 @@ class _Fit:
                 setattr(tt, second, None)
             else:  # kept on disk until the store writes them, so memory does not grow with T
                 qa, qb = self._spill.get((t, name, part))
-                setattr(tt, first, self._spill.park(_keep_columns(qa, q)))  # (m, q) or (n, q rows)
-                setattr(tt, second, self._spill.park(_keep_columns(qb, q)))  # (n, q) or (1, q)
+                setattr(tt, first, self._spill.park(keep_columns(qa, q)))  # (m, q) or (n, q rows)
+                setattr(tt, second, self._spill.park(keep_columns(qb, q)))  # (n, q) or (1, q)
             self.error[t, name] += float(error[q])
 
     def _record_errors(self):
@@ -718,10 +718,3 @@ def _randomized_svd(x, q, seed, n_iter=2):
     inv = torch.where(kept, 1 / torch.where(kept, s, 1.0), 0.0)
     return (y @ vecs) * inv, s, z @ vecs  # (m, q), (q,), (n, q)
 
-
-def _keep_columns(q, cols):
-    """The first ``cols`` columns of a quantized matrix.
-
-    Scales are per column, so re-quantizing the kept columns reproduces their codes exactly.
-    """
-    return quantize(dequantize(q)[:, :cols].contiguous(), q.bits)
