@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import threading
+
 import pytest
 
 from tvbase import FitParams, Store
@@ -75,26 +77,29 @@ def test_peak_memory_of_a_first_ingest_stays_far_below_the_old_gram(model_zoo, t
     assert growth < OLD_GRAM_BYTES / 2, f"the ingest grew the process by {growth / 2**20:.0f} MiB"
 
 
-def test_prefetch_reads_ahead_in_order_and_passes_errors_on():
-    from tvbase.methods.tucker import _Prefetch
+def test_local_work_reads_one_ahead_in_order_and_passes_errors_on():
+    from tvbase.methods.work import LocalWork
 
-    started = []
+    started, threads = [], set()
 
     def read(task, name):
         started.append((task, name))
+        threads.add(threading.current_thread())
         if name == "bad":
             raise ValueError("unreadable")
         return f"{task}/{name}"
 
-    keys = [("a", "x"), ("a", "y"), ("b", "bad")]
-    with _Prefetch(read, keys) as fetch:
-        assert fetch("a", "x") == "a/x"
-        assert fetch("a", "y") == "a/y"
-        with pytest.raises(ValueError, match="unreadable"):
-            fetch("b", "bad")
-    assert started == keys  # each read once, in the planned order
-    with _Prefetch(read, keys) as fetch, pytest.raises(RuntimeError, match="out of the planned order"):
-        fetch("a", "y")
+    def work_on(x, tag):
+        return f"{x}:{tag}"
+
+    items = [(("a", "x"), (1,)), (("a", "y"), (2,)), (("b", "bad"), (3,))]
+    results = LocalWork(read).map(work_on, iter(items))
+    assert next(results) == (("a", "x"), "a/x:1")
+    assert next(results) == (("a", "y"), "a/y:2")
+    with pytest.raises(ValueError, match="unreadable"):
+        next(results)
+    assert started == [key for key, _ in items]  # each read once, in the planned order
+    assert threading.current_thread() not in threads  # read by the background thread
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,11 @@ class StorageError(TvbaseError):
     """The storage cannot be reached, or refused access (credentials, permissions)."""
 
 
+class ClusterError(TvbaseError):
+    """The Dask cluster given for a fit cannot be reached, or lost its workers more often than it
+    retries; nothing was written."""
+
+
 class TvbaseWarning(UserWarning):
     """Something the user should know that does not stop the operation (the CLI prints one line)."""
 
@@ -66,6 +71,7 @@ EXIT_CODES = {
     FormatVersionError: 7,
     StoreLockedError: 8,
     StorageError: 9,
+    ClusterError: 10,
     TvbaseError: 1,
 }
 

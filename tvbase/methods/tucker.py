@@ -12,10 +12,10 @@ sketches, cores, candidate factors) waits in a temporary file. Reads of each mat
    budget allocation; their exact errors come with them, so no pass measures errors
 """
 
+import contextlib
 import math
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -34,12 +34,14 @@ from ..codec import (
     store_disk_bytes,
 )
 from ..codec.quantize import QuantizedMatrix, dequantize, keep_columns, quantize
+from ..devices import resolve_device
 from ..errors import InvalidInputError
 from ..reconstruct import rebuild_tensor
 from .budget import allocate_ranks, cumulative, uniform_ranks
 from .cluster import TaskClusterer, TaskSketcher
 from .params import FitParams
 from .result import FitResult, raw_bytes
+from .work import LocalWork
 
 # Memory plan (see ClusterTucker.planned_peak_bytes), measured on 2 tasks of a 110M-parameter
 # BERT-base layout (30522 x 768 embedding, 94 MB): 0.80 GiB peak RSS, 0.26 GiB of it the process
@@ -102,7 +104,7 @@ class ClusterTucker:
                     cores += payload_nbytes(r, r, params.bits)
         return PROCESS_BYTES + PEAK_TENSOR_COPIES * largest + n_tasks * cores
 
-    def fit(self, source, tasks, shapes):
+    def fit(self, source, tasks, shapes, work=None):
         """Factorize the task vectors of ``tasks``.
 
         Parameters
@@ -110,13 +112,16 @@ class ClusterTucker:
         source : TaskVectors-like, ``tensor(task, name) -> torch.Tensor`` (float32, base shape, CPU)
         tasks : list of str
         shapes : dict tensor name -> shape, in the base's order
+        work : where the per-(task, tensor) work runs (see :mod:`tvbase.methods.work`);
+            default: this process, reading from ``source``.
 
         Returns
         -------
         self
         """
         params = self.params if self.params is not None else FitParams()
-        self.result_ = _Fit(source, list(tasks), shapes, params, self.device, self.progress).run(self.shared)
+        work = work if work is not None else LocalWork(source.tensor)
+        self.result_ = _Fit(work, list(tasks), shapes, params, self.device, self.progress).run(self.shared)
         self.result_.method = self.name
         return self
 
@@ -129,9 +134,14 @@ class PerTaskSVD(ClusterTucker):
     shared = False
 
 class _Fit:
-    def __init__(self, source, tasks, shapes, params, device, progress):
-        self.source, self.tasks, self.shapes, self.p = source, tasks, shapes, params
+    """The driver of a fit: plans each pass's items, runs them through ``work`` and combines
+    their results (sums, allocation); the per-item functions are the module's ``_*_item``."""
+
+    def __init__(self, work, tasks, shapes, params, device, progress):
+        self.work, self.tasks, self.shapes, self.p = work, tasks, shapes, params
         self.device, self.progress = torch.device(device), progress
+        # where the items run: this device, or what a Dask work says (None: each worker's default)
+        self._item_device = work.device if hasattr(work, "device") else self.device
         self.matrices = {name: matrix_shape(s) for name, s in shapes.items() if matrix_shape(s)}
         self.dense = [name for name in shapes if name not in self.matrices]
         self.result = FitResult(tasks={t: {name: TaskTensor() for name in shapes} for t in tasks})
@@ -156,11 +166,6 @@ class _Fit:
         self._progress = tqdm(total=reads * len(self.tasks), disable=not self.progress, leave=False,
                               unit="param", unit_scale=True)
         self._numel = numel
-
-    def _read(self, task, name):
-        x = self.source.tensor(task, name).to(self.device, torch.float32)
-        mshape = self.matrices.get(name)
-        return x.reshape(mshape) if mshape else x.reshape(-1)  # (m, n) or (numel,)
 
     def _weight(self, t, name):
         """What a captured energy of (task, tensor) is multiplied by before ranks are allocated:
@@ -257,30 +262,26 @@ class _Fit:
 
     def _scan(self, shared):
         """Pass 1 over every tensor: energies, dense tensors and, for a shared fit, the clusters
-        and every matrix's range sketches (see :meth:`_sketch_range`)."""
+        and every matrix's range sketches (see :func:`_range_sketches`)."""
         cluster = shared and len(self.tasks) > 2 and self.p.n_clusters != 1
-        sketcher = TaskSketcher(dim=self.p.sketch_dim, seed=self.p.seed) if cluster else None
-        sketches, probes = [], []
+        sketches, probes = {t: 0 for t in self.tasks}, []
         bar = self._stage(1, "scan")
-        with _Prefetch(self._read, [(t, name) for t in self.tasks for name in self.shapes]) as read:
-            for j, t in enumerate(self.tasks):
-                sketch = 0
-                for i, name in enumerate(self.shapes):
-                    x = read(t, name)
-                    self.layer_energy[t, name] = float(x.square().sum())
-                    if name in self.dense:
-                        q = self.result.tasks[t][name].dense = quantize(x.reshape(-1, 1).cpu(), self.p.dense_bits)
-                        self.error[t, name] = float((dequantize(q, device=self.device)[:, 0] - x).square().sum())
-                    else:
-                        if j == 0:
-                            probes += self._probe(x)
-                        if shared:
-                            self._sketch_range(i, j, t, name, x)
-                    if cluster:
-                        sketch = sketch + sketcher.sketch_tensor(i, x.cpu())
-                    bar.update(self._numel[name])
-                if cluster:
-                    sketches.append(sketch.numpy())
+        items = (
+            ((t, name), (i, j, self.matrices.get(name), self._range_widths(name) if shared and name in self.matrices else None,
+                         j == 0, cluster, self.p, self.device))
+            for j, t in enumerate(self.tasks) for i, name in enumerate(self.shapes)
+        )
+        for (t, name), out in self.work.map(_scan_item, items):
+            self.layer_energy[t, name] = out["energy"]
+            if "dense" in out:
+                self.result.tasks[t][name].dense, self.error[t, name] = out["dense"], out["dense_error"]
+            probes += out.get("probes", [])
+            for side in ("Y", "Z"):
+                if out.get(side) is not None:
+                    self._spill.put_tensor((side, t, name), out[side])
+            if cluster:
+                sketches[t] = sketches[t] + out["sketch"]  # summed in tensor order, so as a serial fit sums
+            bar.update(self._numel[name])
         raw = sum(len(p) for p in probes)
         self._probe_ratio = min(1.0, compressed_nbytes(probes) / raw) if raw else 1.0
         self.task_energy = {t: sum(self.layer_energy[t, n] for n in self.shapes) for t in self.tasks}
@@ -291,19 +292,12 @@ class _Fit:
         # min 2: see TaskClusterer; measured on the 25-task zoos, 2-4 clusters beat 1 on the worst task
         min_clusters = 2 if len(self.tasks) >= 4 else 1
         clusterer = TaskClusterer(n_clusters=self.p.n_clusters, seed=self.p.seed, min_clusters=min_clusters)
-        clusterer.fit(np.stack(sketches))
+        clusterer.fit(np.stack([sketches[t].numpy() for t in self.tasks]))
         return {t: int(c) for t, c in zip(self.tasks, clusterer.labels_)}
 
     def _dense_bytes(self):
         """Compressed bytes of every task's densely stored tensors (quantized by the scan)."""
         return compressed_nbytes(self.result.tasks[t][n].dense.to_bytes() for t in self.tasks for n in self.dense)
-
-    def _probe(self, x, probe_rank=16):
-        """Payloads of the leading singular factors of one matrix (m, n), quantized as the fit
-        quantizes them: the scan measures on the first task's how well factors compress, which
-        predicts the compressed / payload size of the fit (``_probe_ratio``)."""
-        u, s, v = _truncated_svd(x, min(probe_rank, *x.shape), self.p.seed)
-        return [quantize((u * s).cpu(), self.p.bits).to_bytes(), quantize(v.cpu(), self.p.bits).to_bytes()]
 
     def _fit_shared(self, labels, budget):
         """Shared bases, cores, rank allocation (None: explicit ranks), replacing an earlier
@@ -340,20 +334,6 @@ class _Fit:
         l_u, l_v = ru + _oversample(ru), rv + _oversample(rv)
         return (l_u if l_u < m else None), (l_v if l_v < n else None)
 
-    def _sketch_range(self, i, j, task, name, x):
-        """Range sketches of task ``j``'s matrix ``i`` (m, n), spilled: ``Y_t = X_t Omega_t``
-        (m, l_u) and ``Z_t = X_t^T Psi_t`` (n, l_v), with Gaussian test matrices drawn from a
-        seed of (fit, matrix, task). Summed over a cluster they sketch the ranges of the
-        cluster's task vectors side by side (the ``Omega_t`` stacked are one test matrix of
-        ``[X_1 ... X_k]``), so the scan's read serves the shared bases too."""
-        l_u, l_v = self._range_widths(name)
-        gen = torch.Generator(device=self.device).manual_seed(_seed(self.p.seed, i, j))
-        m, n = x.shape
-        if l_u is not None:
-            self._spill.put_tensor(("Y", task, name), x @ torch.randn(n, l_u, generator=gen, device=self.device))
-        if l_v is not None:
-            self._spill.put_tensor(("Z", task, name), x.T @ torch.randn(m, l_v, generator=gen, device=self.device))
-
     def _summed_range(self, side, group, name):
         """Orthonormal basis of a cluster's summed range sketch on one side, or None."""
         total = None
@@ -377,70 +357,77 @@ class _Fit:
         (Rayleigh-Ritz). A side no longer than the sketch is taken whole, which makes small
         matrices exact.
         """
-        bits = self.p.bits
         members = {}
         for t, c in labels.items():
             members.setdefault(c, []).append(t)
         items = []  # (cluster, name, qU, qV, group, ru, rv, cost, gain)
         bar = self._stage(2, "shared bases")
         groups = sorted(members.items())
-        with _Prefetch(self._read, [(t, name) for name in self.matrices for _, group in groups for t in group]) as read:
-            for name, (m, n) in self.matrices.items():
+        ranges = {}  # (name, cluster) -> (Q_U, Q_V), from when its items are planned until combined
+
+        def plan():  # drawn a few items ahead of the results: few ranges exist at once
+            for name, mshape in self.matrices.items():
                 for c, group in groups:
-                    k = len(group)
-                    ru_max = min(m, k * n, self.p.max_rank)
-                    rv_max = min(n, k * m, self.p.max_rank)
-                    Q_U, Q_V = self._summed_range("Y", group, name), self._summed_range("Z", group, name)
-                    gram_u = gram_v = 0
-                    projected = {}
+                    ranges[name, c] = (self._summed_range("Y", group, name), self._summed_range("Z", group, name))
+                    shared = self.work.share(ranges[name, c])
                     for t in group:
-                        x = read(t, name)
-                        left = x if Q_U is None else Q_U.T @ x  # (l_u, n)
-                        right = x if Q_V is None else x @ Q_V  # (m, l_v)
-                        gram_u = gram_u + left.double() @ left.double().T  # (l_u, l_u)
-                        gram_v = gram_v + right.double().T @ right.double()  # (l_v, l_v)
-                        projected[t] = left if Q_V is None else left @ Q_V  # K_t (l_u, l_v)
-                        bar.update(m * n)
-                    U = _top_eigvecs(gram_u, ru_max).float()  # (l_u, ru_max)
-                    V = _top_eigvecs(gram_v, rv_max).float()  # (l_v, rv_max)
-                    del gram_u, gram_v
-                    qU = quantize((U if Q_U is None else Q_U @ U).cpu(), bits)  # (m, ru_max)
-                    qV = quantize((V if Q_V is None else Q_V @ V).cpu(), bits)  # (n, rv_max)
-                    # cores of the stored (quantized) bases: U_q^T X_t V_q = (U_q^T Q_U) K_t (Q_V^T V_q)
-                    Uq, Vq = dequantize(qU, device=self.device), dequantize(qV, device=self.device)
-                    to_u = Uq.T if Q_U is None else Uq.T @ Q_U  # (ru_max, l_u)
-                    to_v = Vq if Q_V is None else Q_V.T @ Vq  # (l_v, rv_max)
-                    r_max = max(ru_max, rv_max)
-                    ru = np.minimum(np.arange(r_max + 1), ru_max)
-                    rv = np.minimum(np.arange(r_max + 1), rv_max)
-                    cost = np.array(
-                        [payload_nbytes(m, a, bits) + payload_nbytes(n, b, bits) + k * payload_nbytes(a, b, bits) for a, b in zip(ru, rv)],
-                        dtype=np.float64,
-                    )
-                    gain = np.zeros(r_max + 1)
-                    for t, K in projected.items():
-                        C = to_u @ K @ to_v  # (ru_max, rv_max)
-                        self._spill.put_tensor(("core", t, name), C)
-                        # energy of the leading (ru(r), rv(r)) block of the core, for every r
-                        block = torch.cumsum(torch.cumsum(C.square().double(), 0), 1).cpu().numpy()
-                        gain[1:] += np.array([block[a - 1, b - 1] for a, b in zip(ru[1:], rv[1:])]) * self._weight(t, name)
-                    del projected
-                    items.append((c, name, qU, qV, group, ru, rv, cost, gain))
+                        yield (t, name), (mshape, shared, self._item_device)
+
+        with contextlib.closing(self.work.map(_project_item, plan())) as results:
+            self._combine_projections(results, groups, ranges, items, bar)
         return items
 
-    def _shared_part(self, task, name):
-        """The task's rebuilt shared term for one matrix, or None."""
+    def _combine_projections(self, results, groups, ranges, items, bar):
+        """The shared bases' second half, in ``plan``'s order: per tensor and cluster, the summed
+        Grams' eigenvectors, the quantized bases, the cores (spilled) and the curves."""
+        bits = self.p.bits
+        for name, (m, n) in self.matrices.items():
+            for c, group in groups:
+                k = len(group)
+                ru_max = min(m, k * n, self.p.max_rank)
+                rv_max = min(n, k * m, self.p.max_rank)
+                gram_u = gram_v = 0
+                projected = {}
+                for t in group:
+                    key, (g_u, g_v, K) = next(results)
+                    assert key == (t, name), (key, t, name)  # a bug, not an input
+                    gram_u = gram_u + g_u.to(self.device)  # (l_u, l_u)
+                    gram_v = gram_v + g_v.to(self.device)  # (l_v, l_v)
+                    projected[t] = K.to(self.device)  # K_t (l_u, l_v)
+                    bar.update(m * n)
+                Q_U, Q_V = ranges.pop((name, c))
+                U = _top_eigvecs(gram_u, ru_max).float()  # (l_u, ru_max)
+                V = _top_eigvecs(gram_v, rv_max).float()  # (l_v, rv_max)
+                del gram_u, gram_v
+                qU = quantize((U if Q_U is None else Q_U @ U).cpu(), bits)  # (m, ru_max)
+                qV = quantize((V if Q_V is None else Q_V @ V).cpu(), bits)  # (n, rv_max)
+                # cores of the stored (quantized) bases: U_q^T X_t V_q = (U_q^T Q_U) K_t (Q_V^T V_q)
+                Uq, Vq = dequantize(qU, device=self.device), dequantize(qV, device=self.device)
+                to_u = Uq.T if Q_U is None else Uq.T @ Q_U  # (ru_max, l_u)
+                to_v = Vq if Q_V is None else Q_V.T @ Vq  # (l_v, rv_max)
+                r_max = max(ru_max, rv_max)
+                ru = np.minimum(np.arange(r_max + 1), ru_max)
+                rv = np.minimum(np.arange(r_max + 1), rv_max)
+                cost = np.array(
+                    [payload_nbytes(m, a, bits) + payload_nbytes(n, b, bits) + k * payload_nbytes(a, b, bits) for a, b in zip(ru, rv)],
+                    dtype=np.float64,
+                )
+                gain = np.zeros(r_max + 1)
+                for t, K in projected.items():
+                    C = to_u @ K @ to_v  # (ru_max, rv_max)
+                    self._spill.put_tensor(("core", t, name), C)
+                    # energy of the leading (ru(r), rv(r)) block of the core, for every r
+                    block = torch.cumsum(torch.cumsum(C.square().double(), 0), 1).cpu().numpy()
+                    gain[1:] += np.array([block[a - 1, b - 1] for a, b in zip(ru[1:], rv[1:])]) * self._weight(t, name)
+                del projected
+                items.append((c, name, qU, qV, group, ru, rv, cost, gain))
+
+    def _shared_term(self, task, name):
+        """The task's stored shared term of one matrix, ``(basis, core)``, or None."""
         c = self.result.labels[task]
         basis = self.result.clusters.get(c, {}).get(name) if c is not None else None
-        tt = self.result.tasks[task][name]
-        if basis is None or tt.core is None:
-            return None
-        return rebuild_tensor(self.matrices[name], [(1.0, basis, TaskTensor(core=tt.core))], device=self.device)
-
-    def _residual(self, read, task, name):
-        x = read(task, name)
-        shared = self._shared_part(task, name)
-        return x if shared is None else x - shared
+        core = self.result.tasks[task][name].core
+        return None if basis is None or core is None else (basis, core)
 
     def _lowrank_candidates(self, q_cap, shared, rows=False):
         """One read of every (task, matrix): the per-task low-rank candidates for every rank.
@@ -460,53 +447,17 @@ class _Fit:
         self._lowrank_keys = [(t, name) for t in self.tasks for name in self.matrices]
         self._candidates, self._lowrank_curves, self._lowrank_errors = [], [], []
         bar = self._stage(self._stages, "residuals" if shared else "per-task SVD")
-        with _Prefetch(self._read, self._lowrank_keys) as read:
-            for t, name in self._lowrank_keys:
-                m, n = self.matrices[name]
-                e = self._residual(read, t, name)  # (m, n)
-                ids = _outlying_rows(e) if rows else None
-                if ids is not None:
-                    self._row_candidate(t, name, e, ids)
-                    e[ids] = 0
-                self._svd_candidate(t, name, e, min(m, n, q_cap))
-                bar.update(m * n)
-
-    def _add_candidate(self, key, cost, gain, error, *factors):
-        self._candidates.append(key)
-        self._lowrank_curves.append((cost, gain))
-        self._lowrank_errors.append(np.maximum(error, 0.0))
-        self._spill.put(key, *factors)
-
-    def _svd_candidate(self, t, name, e, q_max):
-        m, n = e.shape
-        bits = self.p.bits
-        residual_energy = float(e.double().square().sum())
-        if q_max == 0:
-            self._add_candidate((t, name, "lowrank"), np.zeros(1), np.zeros(1), np.array([residual_energy]), None, None)
-            return
-        u, s, v = _truncated_svd(e, q_max, self.p.seed)
-        qa, qb = quantize((u * s).cpu(), bits), quantize(v.cpu(), bits)  # (m, q_max), (n, q_max)
-        A, B = dequantize(qa, device=self.device), dequantize(qb, device=self.device)
-        cross = ((A.T @ e) * B.T).sum(1).double()  # (q_max,): a_i^T E b_i
-        overlap = (A.T @ A).double() * (B.T @ B).double()  # (q_max, q_max)
-        quadratic = torch.diagonal(torch.cumsum(torch.cumsum(overlap, 0), 1))  # (q_max,)
-        error = np.concatenate([[residual_energy], (residual_energy - 2 * torch.cumsum(cross, 0) + quadratic).cpu().numpy()])
-        gain = cumulative(s.double().square().cpu().numpy()) * self._weight(t, name)
-        cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
-        self._add_candidate((t, name, "lowrank"), cost, gain, error, qa, qb)
-
-    def _row_candidate(self, t, name, e, ids):
-        """Rows ``ids`` (largest first) of the residual kept whole: (n, s) columns, (1, s) ids."""
-        n, bits = e.shape[1], self.p.bits
-        picked = e[ids]  # (s, n)
-        q_rows = quantize(picked.T.contiguous().cpu(), bits)  # (n, s): a scale per row
-        energy = picked.double().square().sum(1).cpu().numpy()  # (s,)
-        quantization = (dequantize(q_rows, device=self.device).T - picked).double().square().sum(1).cpu().numpy()
-        # k rows kept: their quantization error plus the energy of the rows left out
-        error = np.concatenate([[0.0], np.cumsum(quantization)]) + energy.sum() - np.concatenate([[0.0], np.cumsum(energy)])
-        gain = cumulative(energy) * self._weight(t, name)
-        cost = np.array([payload_nbytes(n, k, bits) + payload_nbytes(1, k, 32) for k in range(len(ids) + 1)], dtype=np.float64)
-        self._add_candidate((t, name, "rows"), cost, gain, error, q_rows, quantize(ids.to(torch.float32)[None].cpu(), 32))
+        items = (
+            ((t, name), (mshape, self._shared_term(t, name), min(*mshape, q_cap), rows, self.p, self._item_device))
+            for t, name in self._lowrank_keys for mshape in [self.matrices[name]]
+        )
+        for (t, name), candidates in self.work.map(_residual_item, items):
+            for part, cost, gain, error, *factors in candidates:
+                self._candidates.append((t, name, part))
+                self._lowrank_curves.append((cost, gain * self._weight(t, name)))
+                self._lowrank_errors.append(np.maximum(error, 0.0))
+                self._spill.put((t, name, part), *factors)
+            bar.update(math.prod(self.matrices[name]))
 
     def _set_lowrank(self, ranks):
         """Per-task factors at ``ranks`` (one per candidate: a rank, or a number of rows kept
@@ -533,32 +484,121 @@ class _Fit:
             self.result.rel_error[t] = (err / total) ** 0.5 if total > 0 else 0.0
 
 
-class _Prefetch:
-    """A pass's reads in a known order, each next one read by a background thread while the
-    current one is worked on (reading and decoding release the GIL): ``read(task, name)``.
-    One tensor ahead at most, which the memory plan's tensor copies include."""
+def _as_matrix(x, mshape, device):
+    """A delta as the source gives it, on ``device`` (None: CUDA where there is one): (m, n) for
+    a matrix, else (numel,)."""
+    x = x.to(resolve_device(device), torch.float32)
+    return x.reshape(mshape) if mshape else x.reshape(-1)
 
-    def __init__(self, read, keys):
-        self._read, self._keys = read, iter(keys)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvbase-read")
-        self._next = self._submit()
 
-    def _submit(self):
-        key = next(self._keys, None)
-        return None if key is None else (key, self._pool.submit(self._read, *key))
+# -- the per-item work of each pass (run by tvbase.methods.work, here or on a Dask worker) --------
+def _scan_item(x, i, j, mshape, widths, probe, sketch, p, device):
+    """Pass 1 on tensor ``i`` of task ``j``: its energy; a dense tensor quantized with its error;
+    for a matrix, on the first task, the payloads of a probe of how factors compress
+    (:func:`_probe`), and with ``widths`` the range sketches; with ``sketch``, the tensor's share
+    of the task's CountSketch (clusters)."""
+    x = _as_matrix(x, mshape, device)
+    device = x.device
+    out = {"energy": float(x.square().sum())}
+    if mshape is None:
+        q = out["dense"] = quantize(x.reshape(-1, 1).cpu(), p.dense_bits)
+        out["dense_error"] = float((dequantize(q, device=device)[:, 0] - x).square().sum())
+    else:
+        if probe:
+            out["probes"] = _probe(x, p)
+        if widths is not None:
+            out["Y"], out["Z"] = _range_sketches(x, i, j, widths, p.seed)
+    if sketch:
+        out["sketch"] = TaskSketcher(dim=p.sketch_dim, seed=p.seed).sketch_tensor(i, x.cpu())
+    return out
 
-    def __call__(self, task, name):
-        key, future = self._next
-        if key != (task, name):
-            raise RuntimeError(f"read {(task, name)} out of the planned order (next: {key})")  # a bug, not an input
-        self._next = self._submit()
-        return future.result()
 
-    def __enter__(self):
-        return self
+def _probe(x, p, probe_rank=16):
+    """Payloads of the leading singular factors of one matrix (m, n), quantized as the fit
+    quantizes them: the scan measures on the first task's how well factors compress, which
+    predicts the compressed / payload size of the fit (``_probe_ratio``)."""
+    u, s, v = _truncated_svd(x, min(probe_rank, *x.shape), p.seed)
+    return [quantize((u * s).cpu(), p.bits).to_bytes(), quantize(v.cpu(), p.bits).to_bytes()]
 
-    def __exit__(self, *exc_info):
-        self._pool.shutdown(wait=True, cancel_futures=True)
+
+def _range_sketches(x, i, j, widths, seed):
+    """Range sketches of task ``j``'s matrix ``i`` (m, n): ``Y_t = X_t Omega_t`` (m, l_u) and
+    ``Z_t = X_t^T Psi_t`` (n, l_v), None for a side a sketch would cover whole, with Gaussian test
+    matrices drawn from a seed of (fit, matrix, task). Summed over a cluster they sketch the
+    ranges of the cluster's task vectors side by side (the ``Omega_t`` stacked are one test
+    matrix of ``[X_1 ... X_k]``), so the scan's read serves the shared bases too."""
+    l_u, l_v = widths
+    gen = torch.Generator(device=x.device).manual_seed(_seed(seed, i, j))
+    m, n = x.shape
+    y = x @ torch.randn(n, l_u, generator=gen, device=x.device) if l_u is not None else None
+    z = x.T @ torch.randn(m, l_v, generator=gen, device=x.device) if l_v is not None else None
+    return y, z
+
+
+def _project_item(x, mshape, ranges, device):
+    """Pass 2 on one task's matrix: its projections onto a cluster's summed ranges ``(Q_U, Q_V)``
+    (None for a side taken whole), ``K_t = Q_U^T X_t Q_V`` (l_u, l_v), and its shares of the
+    small Grams of ``Q_U^T X_t`` (l_u, l_u) and ``X_t Q_V`` (l_v, l_v), float64."""
+    x = _as_matrix(x, mshape, device)
+    Q_U, Q_V = (None if q is None else q.to(x.device) for q in ranges)
+    left = x if Q_U is None else Q_U.T @ x  # (l_u, n)
+    right = x if Q_V is None else x @ Q_V  # (m, l_v)
+    gram_u = left.double() @ left.double().T  # (l_u, l_u)
+    gram_v = right.double().T @ right.double()  # (l_v, l_v)
+    return gram_u, gram_v, (left if Q_V is None else left @ Q_V)
+
+
+def _residual_item(x, mshape, shared, q_max, rows, p, device):
+    """Pass 3 on one task's matrix: the low-rank candidates of its residual against its shared
+    term ``shared`` (``(basis, core)``, or None: the whole task), see
+    :meth:`_Fit._lowrank_candidates`. Returns ``[(part, cost, gain, error, *factors)]``, the
+    gains not yet weighted."""
+    e = _as_matrix(x, mshape, device)
+    device = e.device
+    if shared is not None:
+        basis, core = shared
+        e = e - rebuild_tensor(mshape, [(1.0, basis, TaskTensor(core=core))], device=device)
+    candidates = []
+    ids = _outlying_rows(e) if rows else None
+    if ids is not None:
+        candidates.append(_row_candidate(e, ids, p.bits, device))
+        e[ids] = 0
+    candidates.append(_svd_candidate(e, q_max, p, device))
+    return candidates
+
+
+def _svd_candidate(e, q_max, p, device):
+    """The residual's truncated SVD at ``q_max``, quantized as stored, with the cost, captured
+    energy and exact error of every rank."""
+    m, n = e.shape
+    bits = p.bits
+    residual_energy = float(e.double().square().sum())
+    if q_max == 0:
+        return ("lowrank", np.zeros(1), np.zeros(1), np.array([residual_energy]), None, None)
+    u, s, v = _truncated_svd(e, q_max, p.seed)
+    qa, qb = quantize((u * s).cpu(), bits), quantize(v.cpu(), bits)  # (m, q_max), (n, q_max)
+    A, B = dequantize(qa, device=device), dequantize(qb, device=device)
+    cross = ((A.T @ e) * B.T).sum(1).double()  # (q_max,): a_i^T E b_i
+    overlap = (A.T @ A).double() * (B.T @ B).double()  # (q_max, q_max)
+    quadratic = torch.diagonal(torch.cumsum(torch.cumsum(overlap, 0), 1))  # (q_max,)
+    error = np.concatenate([[residual_energy], (residual_energy - 2 * torch.cumsum(cross, 0) + quadratic).cpu().numpy()])
+    gain = cumulative(s.double().square().cpu().numpy())
+    cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
+    return ("lowrank", cost, gain, error, qa, qb)
+
+
+def _row_candidate(e, ids, bits, device):
+    """Rows ``ids`` (largest first) of the residual kept whole: (n, s) columns, (1, s) ids."""
+    n = e.shape[1]
+    picked = e[ids]  # (s, n)
+    q_rows = quantize(picked.T.contiguous().cpu(), bits)  # (n, s): a scale per row
+    energy = picked.double().square().sum(1).cpu().numpy()  # (s,)
+    quantization = (dequantize(q_rows, device=device).T - picked).double().square().sum(1).cpu().numpy()
+    # k rows kept: their quantization error plus the energy of the rows left out
+    error = np.concatenate([[0.0], np.cumsum(quantization)]) + energy.sum() - np.concatenate([[0.0], np.cumsum(energy)])
+    gain = cumulative(energy)
+    cost = np.array([payload_nbytes(n, k, bits) + payload_nbytes(1, k, 32) for k in range(len(ids) + 1)], dtype=np.float64)
+    return ("rows", cost, gain, error, q_rows, quantize(ids.to(torch.float32)[None].cpu(), 32))
 
 
 class _Spill:
