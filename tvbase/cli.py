@@ -181,7 +181,7 @@ def cmd_ingest(args):
     version = store.ingest(
         items, params=params, base=args.base, device=args.device, progress=not args.quiet, wait=args.wait,
         method=args.method, n_components=args.components,
-        max_memory=parse_memory(args.max_memory) if args.max_memory else None,
+        max_memory=parse_memory(args.max_memory) if args.max_memory else None, dask=args.dask,
     )
     rows = [r for r in store.ls() if r["name"] in items]
     _print(args, {"version": version, "tasks": rows}, format_table(rows, LS_COLUMNS) + f"\nversion {version}")
@@ -426,6 +426,9 @@ def build_parser():
     )
     p.add_argument("--components", type=int, metavar="M", help="seed methods: number of basis vectors (default T/2)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dask", metavar="ADDRESS", help="run the fit's per-task and per-tensor work on a Dask cluster: a "
+                   "scheduler address such as tcp://HOST:8786, or local:N for N worker processes on this machine; "
+                   "the workers must be able to read every input path (needs tvbase[dask])")
     _add_fit_options(p, store_defaults=True)
     _add_memory_option(p)
     device(p), writer(p), listing(p)

@@ -39,7 +39,7 @@ def check_memory(estimator, shapes, n_tasks, max_memory):
 
 
 def ingest(store, items, params=None, base=None, device=None, progress=True, wait=0.0, method="tvbase", n_components=None,
-           max_memory=None):
+           max_memory=None, dask=None):
     """Add fine-tunes as tasks, in one commit; see :meth:`tvbase.Store.ingest`."""
     items = dict(items)
     store._refresh()
@@ -61,8 +61,10 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         if spec.default_bits is not None:
             params.bits = params.dense_bits = spec.default_bits
     params.validate()
-    device = resolve_device(device)
+    worker_device, device = device, resolve_device(device)  # workers resolve their own default
     estimator = spec.make(params, n_components=n_components, device=device, progress=progress)
+    if dask is not None and not getattr(estimator, "distributed", False):
+        raise InvalidInputError(f"--dask runs the fit of the tvbase method; method {method!r} fits in this process only")
     check_memory(estimator, store.shapes, len(items), max_memory)
     base_checkpoint = store.open_base(base)
     sources = {}
@@ -73,7 +75,7 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         # LoRA adapters are stored from their own factors; the method fits the full fine-tunes
         adapters = {name: s for name, s in sources.items() if isinstance(s, LoraAdapter)}
         full = [name for name in items if name not in adapters]
-        result = estimator.fit(TaskVectors({n: sources[n] for n in full}), full, store.shapes).result_ if full else FitResult()
+        result = _fit(estimator, sources, full, store, base_checkpoint, dask, worker_device) if full else FitResult()
         result.add(fit_lora(adapters, store.shapes, params))
         result.tasks = {name: result.tasks[name] for name in items}  # recorded in the order given
         _store_new_rows(result, sources, store.shapes)
@@ -98,6 +100,23 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         # names the caller of Store.ingest: above are Store.ingest, rerun_on_conflict and its lambda
         warnings.warn(message, TvbaseWarning, stacklevel=5)
     return store.version
+
+
+def _fit(estimator, sources, tasks, store, base, dask, device):
+    """The method's fit of the full fine-tunes ``tasks``: here, or with ``dask`` (a scheduler
+    address or ``local:N``) on a Dask cluster whose workers open the inputs themselves."""
+    source = TaskVectors({n: sources[n] for n in tasks})
+    if dask is None:
+        return estimator.fit(source, tasks, store.shapes).result_
+    from .methods.work import TaskReader, connect
+
+    reader = TaskReader(absolute_path(base.path), store.meta["base"]["tensors"],
+                        {n: (str(absolute_path(sources[n].path)), sources[n].label) for n in tasks})
+    work = connect(dask, reader, device)
+    try:
+        return estimator.fit(source, tasks, store.shapes, work=work).result_
+    finally:
+        work.close()
 
 
 NEW_ROW_BITS = 8  # rows a fine-tune added are its values, not deltas: a scale per row, int8

@@ -172,7 +172,7 @@ class Store:
         self._load(tx.version)
 
     def ingest(self, items, params=None, base=None, device=None, progress=True, wait=0.0, method="tvbase", n_components=None,
-               max_memory=None):
+               max_memory=None, dask=None):
         """Add fine-tuned checkpoints as tasks, in one commit.
 
         Parameters
@@ -189,6 +189,11 @@ class Store:
             eigengap's cluster count for cluster-merge).
         max_memory : bytes, or None. A fit planned to need more is refused before any work
             (InvalidInputError), and the store is left as it was.
+        dask : None, or where the fit's per-task and per-tensor work runs: a Dask scheduler
+            address (``tcp://HOST:8786``) or ``local:N``, a LocalCluster of N worker processes.
+            The workers open the inputs themselves, so their paths (or ``s3://`` URLs) must be
+            readable there; this process combines the results and commits once. ``device`` is
+            then the workers' device (default: CUDA on a worker that has one).
 
         With "tvbase", the first ingest into an empty store fits cluster-shared bases over its
         tasks; later ingests store each new task as a per-task truncated SVD until ``compact``.
@@ -202,7 +207,8 @@ class Store:
         from . import operations
 
         return rerun_on_conflict(
-            lambda left: operations.ingest(self, items, params, base, device, progress, left, method, n_components, max_memory),
+            lambda left: operations.ingest(self, items, params, base, device, progress, left, method, n_components, max_memory,
+                                           dask),
             wait,
         )
 

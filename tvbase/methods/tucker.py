@@ -74,6 +74,7 @@ class ClusterTucker:
 
     name = "tvbase"
     shared = True
+    distributed = True  # fit() takes a work object: its items may run on a Dask cluster
 
     def __init__(self, params=None, *, n_components=None, device="cpu", progress=True):
         self.params = params

@@ -18,6 +18,7 @@ the store a serial fit gives, up to the rounding of a different number of BLAS t
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 import uuid
@@ -137,12 +138,13 @@ class DaskWork:
     ----------
     client : distributed.Client
     reader : TaskReader
+    device : where the workers run the items (None: CUDA on a worker that has one, else its CPU).
     threads : int or None, torch threads per worker process (None: leave the workers' own).
     cluster : the LocalCluster this work started, closed with it (None for an existing cluster).
     """
 
-    def __init__(self, client, reader, threads=None, cluster=None):
-        self.client, self.reader, self.threads, self._cluster = client, reader, threads, cluster
+    def __init__(self, client, reader, device=None, threads=None, cluster=None):
+        self.client, self.reader, self.device, self.threads, self._cluster = client, reader, device, threads, cluster
         workers = max(1, len(client.scheduler_info().get("workers", {})))
         # enough in flight to keep every worker busy; few enough that the driver holds only a
         # few results (range sketches of the largest tensor: tens of MB each)
@@ -151,7 +153,7 @@ class DaskWork:
 
     def share(self, value):
         """``value`` sent to the cluster once, for every item whose ``args`` carry it."""
-        return self.client.scatter(value, broadcast=False, hash=False)
+        return self.client.scatter(_to_cpu(value), broadcast=False, hash=False)
 
     def map(self, fn, items):
         in_flight = collections.deque()
@@ -197,7 +199,7 @@ def _result(future, key):
         ) from None
 
 
-def connect(address, reader):
+def connect(address, reader, device=None):
     """A :class:`DaskWork` on the cluster at ``address``: ``tcp://HOST:PORT`` (any scheduler
     address Dask accepts), or ``local:N`` for a LocalCluster of N worker processes on this
     machine, started here and stopped with the work."""
@@ -212,14 +214,15 @@ def connect(address, reader):
             raise InvalidInputError(f"--dask local:N needs a positive number of workers, got {address!r}")
         n = int(count)
         cluster = distributed.LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs="error"
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
         )
         # the machine's cores shared out among the workers, so they do not oversubscribe it
-        return DaskWork(distributed.Client(cluster), reader, threads=max(1, (os.cpu_count() or 1) // n), cluster=cluster)
+        threads = max(1, (os.cpu_count() or 1) // n)
+        return DaskWork(distributed.Client(cluster), reader, device, threads=threads, cluster=cluster)
     if "://" not in address:
         raise InvalidInputError(f"--dask takes a scheduler address such as tcp://HOST:8786, or local:N; got {address!r}")
     try:
         client = distributed.Client(address, timeout="10s")
     except (OSError, TimeoutError) as e:
         raise ClusterError(f"cannot reach the Dask scheduler at {address} ({e}); nothing was written") from None
-    return DaskWork(client, reader)
+    return DaskWork(client, reader, device)

@@ -1,0 +1,166 @@
+"""Ingest on a Dask cluster (``--dask``): the same store as a serial ingest, workers that die
+mid-ingest, and clusters that cannot be used."""
+
+import contextlib
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from tvbase import FitParams, Store
+from tvbase.cli import main
+from tvbase.errors import ClusterError, InvalidInputError
+from tvbase.testing.metrics import relative_error
+from tvbase.testing.zoo import build_synthetic_zoo
+
+distributed = pytest.importorskip("distributed")
+
+# a 1000-row vocabulary matrix (rows kept whole), square and wide layers, dense tensors
+SHAPES = {"embed.weight": (1000, 48), "l0.weight": (96, 48), "l0.bias": (96,), "l1.weight": (48, 96),
+          "l2.weight": (64, 64), "norm.weight": (48,)}
+TASKS = {f"t{i}": i % 2 for i in range(5)}
+
+
+@pytest.fixture(scope="module")
+def dask_zoo(tmp_path_factory):
+    return build_synthetic_zoo(tmp_path_factory.mktemp("dask-zoo"), SHAPES, TASKS, seed=11, noise_scale=0.001)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Serial and cluster fits give equal stores at equal torch thread counts (the driver combines,
+    the workers compute; each local:2 worker has one thread on two cores): the rounding of
+    another count can move a rank at a tie."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def serial(dask_zoo, tmp_path_factory):
+    """The store a serial ingest makes."""
+    store = Store.create(tmp_path_factory.mktemp("serial") / "store", dask_zoo.base, params=FitParams(budget=0.2))
+    with one_torch_thread():
+        store.ingest(dask_zoo.tasks, device="cpu", progress=False)
+    return store
+
+
+def local_cluster():
+    """Two worker processes with one torch thread each, as the serial store was made."""
+    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                    silence_logs=40, env={"OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_cluster() as c:
+        yield c
+
+
+def _threads_per_worker():
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+def assert_same_store(store, serial, dask_zoo):
+    """Same tasks, kinds and clusters as the serial store, and every rebuild within 1e-5."""
+    got, want = {r["name"]: r for r in store.ls()}, {r["name"]: r for r in serial.ls()}
+    assert got.keys() == want.keys() == set(TASKS)
+    assert {t: (r["cluster"], r["kind"]) for t, r in got.items()} == {t: (r["cluster"], r["kind"]) for t, r in want.items()}
+    for task in TASKS:
+        rebuilt = store.get(task, device="cpu")
+        assert relative_error(rebuilt, serial.get(task, device="cpu")) < 1e-5, task
+        # and it is a fit of the task, not a copy of the serial store
+        assert relative_error(rebuilt, dask_zoo.task_vectors[task]) == pytest.approx(got[task]["rel_error"], rel=1e-3)
+
+
+@pytest.mark.skipif(_threads_per_worker() != 1, reason="local:2 workers get one torch thread only on a 2-core machine")
+def test_local_cluster_ingest_gives_the_serial_store(dask_zoo, serial, tmp_path):
+    store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
+    with one_torch_thread():
+        store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask="local:2")
+    assert_same_store(store, serial, dask_zoo)
+
+
+def test_existing_cluster_ingest_gives_the_serial_store_and_the_cli_takes_its_address(dask_zoo, serial, cluster, tmp_path):
+    store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
+    listing = tmp_path / "tasks.txt"
+    listing.write_text("".join(f"{t}={p}\n" for t, p in dask_zoo.tasks.items()))
+    with one_torch_thread():
+        code = main(["ingest", "-q", str(store.path), "--list", str(listing), "--device", "cpu", "--dask", cluster.scheduler_address])
+    assert code == 0
+    assert_same_store(Store.open(store.path), serial, dask_zoo)
+
+
+def _kill_a_worker_mid_ingest(client, done, killed):
+    """Once the scheduler has run some of the fit's items, SIGKILL one worker process."""
+    while not done.is_set():
+        transitions = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+        if transitions > 40:
+            busy = client.run_on_scheduler(
+                lambda dask_scheduler: [w.address for w in dask_scheduler.workers.values() if w.processing])
+            if busy:
+                pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        done.wait(0.05)
+
+
+def test_a_worker_killed_mid_ingest_has_its_work_retried(dask_zoo, serial, tmp_path):
+    with local_cluster() as cluster, distributed.Client(cluster) as client:
+        store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
+        done, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_a_worker_mid_ingest, args=(client, done, killed))
+        killer.start()
+        try:
+            with one_torch_thread():
+                store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask=cluster.scheduler_address)
+        finally:
+            done.set()
+            killer.join()
+        assert killed, "the ingest ended before a worker could be killed"
+    assert_same_store(Store.open(store.path), serial, dask_zoo)
+
+
+def test_work_lost_more_often_than_retried_fails_cleanly(dask_zoo, tmp_path, snapshot_state):
+    import dask
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), local_cluster() as cluster, \
+            distributed.Client(cluster) as client:
+        store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
+        before = snapshot_state(store.path)
+        done, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_a_worker_mid_ingest, args=(client, done, killed))
+        killer.start()
+        try:
+            with pytest.raises(ClusterError, match="nothing was written"):
+                store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask=cluster.scheduler_address)
+        finally:
+            done.set()
+            killer.join()
+        assert killed
+    assert snapshot_state(store.path) == before
+
+
+@pytest.mark.parametrize(("address", "error", "message"), [
+    ("local:0", InvalidInputError, "positive number of workers"),
+    ("somewhere", InvalidInputError, "scheduler address such as"),
+    ("tcp://127.0.0.1:9", ClusterError, "cannot reach the Dask scheduler"),
+])
+def test_an_unusable_cluster_is_refused_and_the_store_unchanged(dask_zoo, tmp_path, snapshot_state, address, error, message):
+    store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
+    before = snapshot_state(store.path)
+    with pytest.raises(error, match=message):
+        store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask=address)
+    assert snapshot_state(store.path) == before
+
+
+def test_dask_with_a_method_that_fits_in_process_only_is_refused(dask_zoo, tmp_path):
+    store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
+    with pytest.raises(InvalidInputError, match="fits in this process only"):
+        store.ingest(dask_zoo.tasks, device="cpu", progress=False, method="pca", dask="local:1")
