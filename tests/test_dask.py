@@ -52,7 +52,7 @@ def serial(dask_zoo, tmp_path_factory):
 
 def local_cluster():
     """Two worker processes with one torch thread each, as the serial store was made."""
-    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    return distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                     silence_logs=40, env={"OMP_NUM_THREADS": "1"})
 
 

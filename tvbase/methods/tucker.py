@@ -269,7 +269,7 @@ class _Fit:
         bar = self._stage(1, "scan")
         items = (
             ((t, name), (i, j, self.matrices.get(name), self._range_widths(name) if shared and name in self.matrices else None,
-                         j == 0, cluster, self.p, self.device))
+                         j == 0, cluster, self.p, self._item_device))
             for j, t in enumerate(self.tasks) for i, name in enumerate(self.shapes)
         )
         for (t, name), out in self.work.map(_scan_item, items):
@@ -370,9 +370,8 @@ class _Fit:
             for name, mshape in self.matrices.items():
                 for c, group in groups:
                     ranges[name, c] = (self._summed_range("Y", group, name), self._summed_range("Z", group, name))
-                    shared = self.work.share(ranges[name, c])
                     for t in group:
-                        yield (t, name), (mshape, shared, self._item_device)
+                        yield (t, name), (mshape, ranges[name, c], self._item_device)
 
         with contextlib.closing(self.work.map(_project_item, plan())) as results:
             self._combine_projections(results, groups, ranges, items, bar)

@@ -8,8 +8,8 @@ it, which returns what the driver combines (sums of sketches, Grams, candidate f
 - :class:`LocalWork` runs them here, each next tensor read by a background thread while the
   current one is worked on (reading and decoding release the GIL);
 - :class:`DaskWork` sends them to a Dask distributed cluster, whose workers open the inputs
-  themselves (:class:`TaskReader`), so only the small results travel; Dask re-runs the items of
-  a worker that dies.
+  themselves (:class:`TaskReader`), so only what is far smaller than the inputs travels (the
+  results, a cluster's range bases); Dask re-runs the items of a worker that dies.
 
 Both run the same functions on the same inputs with the same seeds, so a fit on a cluster gives
 the store a serial fit gives, up to the rounding of a different number of BLAS threads.
@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -39,10 +40,6 @@ class LocalWork:
 
     def __init__(self, read):
         self._read = read
-
-    def share(self, value):
-        """``value`` as ``args`` may carry it to every item (here: as it is)."""
-        return value
 
     def map(self, fn, items):
         """``(key, fn(read(*key), *args))`` for each ``(key, args)`` of ``items``, in order.
@@ -146,14 +143,9 @@ class DaskWork:
     def __init__(self, client, reader, device=None, threads=None, cluster=None):
         self.client, self.reader, self.device, self.threads, self._cluster = client, reader, device, threads, cluster
         workers = max(1, len(client.scheduler_info().get("workers", {})))
-        # enough in flight to keep every worker busy; few enough that the driver holds only a
-        # few results (range sketches of the largest tensor: tens of MB each)
+        # enough in flight to keep every worker busy; few enough that few results wait on the
+        # workers (range sketches of the largest tensor: tens of MB each) and few plans are drawn ahead
         self.window = 2 * workers
-        self._reader = client.scatter(reader, broadcast=True)
-
-    def share(self, value):
-        """``value`` sent to the cluster once, for every item whose ``args`` carry it."""
-        return self.client.scatter(_to_cpu(value), broadcast=False, hash=False)
 
     def map(self, fn, items):
         in_flight = collections.deque()
@@ -163,8 +155,13 @@ class DaskWork:
             item = next(items, None)
             if item is None:
                 return False
+            # every item carries its inputs (the reader, a cluster's ranges) rather than refer to data
+            # scattered once: a worker that dies would take scattered data with it, and its items
+            # could not be re-run elsewhere
             key, args = item
-            future = self.client.submit(_run_item, self._reader, key, fn, args, self.threads, pure=False)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Large object", category=UserWarning)
+                future = self.client.submit(_run_item, self.reader, key, fn, _to_cpu(args), self.threads, pure=False)
             in_flight.append((key, future))
             return True
 
@@ -189,13 +186,14 @@ class DaskWork:
 
 def _result(future, key):
     from distributed import KilledWorker
+    from distributed.client import FutureCancelledError
 
     try:
         return future.result()
-    except KilledWorker as e:
+    except (KilledWorker, FutureCancelledError) as e:
         raise ClusterError(
-            f"Dask workers died running the fit of task {key[0]!r}, tensor {key[1]!r}, more often than the "
-            f"scheduler retries ({e}); nothing was written. Check the workers' memory and logs."
+            f"the Dask cluster lost the fit's work on task {key[0]!r}, tensor {key[1]!r}: its workers died more "
+            f"often than the scheduler retries ({e}); nothing was written. Check the workers' memory and logs."
         ) from None
 
 
@@ -213,9 +211,12 @@ def connect(address, reader, device=None):
         if not count.isdigit() or int(count) < 1:
             raise InvalidInputError(f"--dask local:N needs a positive number of workers, got {address!r}")
         n = int(count)
-        cluster = distributed.LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
-        )
+        try:
+            cluster = distributed.LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+            )
+        except Exception as e:  # worker processes that cannot start: say so, never a traceback
+            raise ClusterError(f"cannot start a LocalCluster of {n} workers ({type(e).__name__}: {e}); nothing was written") from None
         # the machine's cores shared out among the workers, so they do not oversubscribe it
         threads = max(1, (os.cpu_count() or 1) // n)
         return DaskWork(distributed.Client(cluster), reader, device, threads=threads, cluster=cluster)
