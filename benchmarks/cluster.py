@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import shlex
@@ -38,7 +37,7 @@ import torch
 from benchmarks import scale
 from benchmarks.s3 import BUCKET, MotoServer
 from tvbase import Store, __version__
-from tvbase.bench.report import replace_section
+from tvbase.bench.report import replace_section, write_outputs
 from tvbase.methods import tucker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -180,11 +179,7 @@ def main(argv=None):
                           "load_average_start": load, "load_average_end": os.getloadavg()[0]}
     results["command"] = command
     table = format_table(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cluster.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "cluster.md").write_text(table + "\n")
-    print(table)
+    write_outputs(args.out, "cluster", results, table)
     if args.results_md:
         m = results["machine"]
         body = (f"## Ingest on S3 and on a Dask LocalCluster (issue 14)\n\n`{command}`, {m['cpus']} CPU cores, torch "

@@ -20,7 +20,6 @@ Outputs: ``OUT/s3.json``, ``OUT/s3.md`` and the section between ``<!-- s3:start 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -36,7 +35,7 @@ import torch
 
 from benchmarks import scale
 from tvbase import Store, __version__
-from tvbase.bench.report import replace_section
+from tvbase.bench.report import replace_section, write_outputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "s3"
@@ -167,11 +166,7 @@ def main(argv=None):
                           "cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu", "dtype": "float32"}
     results["command"] = command
     table = format_table(results)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "s3.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "s3.md").write_text(table + "\n")
-    print(table)
+    write_outputs(args.out, "s3", results, table)
     if args.results_md:
         body = (f"## Object storage: a store on S3 (issue 14)\n\n`{command}`\n\n{table}\n\n"
                 "moto is a local, in-memory stand-in for S3 (here a subprocess on the same 2-core machine): the ratios "

@@ -2,6 +2,7 @@
 benchmark owns the text between its ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` markers and
 never touches the rest."""
 
+import json
 from pathlib import Path
 
 from ..io.save import write_atomic
@@ -24,3 +25,13 @@ def replace_section(path, name, body):
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda temp: Path(temp).write_text(text))
+
+
+def write_outputs(out, stem, results, table):
+    """``OUT/STEM.json`` (``results``) and ``OUT/STEM.md`` (``table``), and the table printed:
+    what every benchmark leaves behind."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
+    print(table)
