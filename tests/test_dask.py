@@ -4,7 +4,6 @@ mid-ingest, and clusters that cannot be used."""
 import contextlib
 import os
 import signal
-import threading
 
 import pytest
 import torch
@@ -96,54 +95,48 @@ def test_existing_cluster_ingest_gives_the_serial_store_and_the_cli_takes_its_ad
     assert_same_store(Store.open(store.path), serial, dask_zoo)
 
 
-def _kill_a_worker_mid_ingest(client, done, killed):
-    """Once the scheduler has run some of the fit's items, SIGKILL one worker process."""
-    while not done.is_set():
-        transitions = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
-        if transitions > 40:
-            busy = client.run_on_scheduler(
-                lambda dask_scheduler: [w.address for w in dask_scheduler.workers.values() if w.processing])
-            if busy:
-                pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-        done.wait(0.05)
+def _kill_a_worker_mid_ingest(client, marker, after=10):
+    """Install a worker plugin that SIGKILLs the worker process it runs in when the worker starts
+    executing its ``after + 1``-th item of the fit: the item is then surely running there. Once:
+    the worker writes ``marker`` first, and a restarted worker finds it."""
+
+    class KillOnce(distributed.WorkerPlugin):  # local, so that it is pickled by value for the workers
+        def setup(self, worker):
+            self.started = 0
+
+        def transition(self, key, start, finish, **kwargs):
+            if finish == "executing" and "_run_item" in str(key):
+                self.started += 1
+                if self.started > after and not os.path.exists(marker):
+                    open(marker, "w").close()  # noqa: SIM115 (created, never written)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    client.register_plugin(KillOnce(), name="kill-once")
 
 
 def test_a_worker_killed_mid_ingest_has_its_work_retried(dask_zoo, serial, tmp_path):
+    marker = tmp_path / "killed"
     with local_cluster() as cluster, distributed.Client(cluster) as client:
+        _kill_a_worker_mid_ingest(client, str(marker))
         store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
-        done, killed = threading.Event(), []
-        killer = threading.Thread(target=_kill_a_worker_mid_ingest, args=(client, done, killed))
-        killer.start()
-        try:
-            with one_torch_thread():
-                store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask=cluster.scheduler_address)
-        finally:
-            done.set()
-            killer.join()
-        assert killed, "the ingest ended before a worker could be killed"
+        with one_torch_thread():
+            store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask=cluster.scheduler_address)
+    assert marker.exists(), "no worker was killed"
     assert_same_store(Store.open(store.path), serial, dask_zoo)
 
 
 def test_work_lost_more_often_than_retried_fails_cleanly(dask_zoo, tmp_path, snapshot_state):
     import dask
 
+    marker = tmp_path / "killed"
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), local_cluster() as cluster, \
             distributed.Client(cluster) as client:
+        _kill_a_worker_mid_ingest(client, str(marker))
         store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
         before = snapshot_state(store.path)
-        done, killed = threading.Event(), []
-        killer = threading.Thread(target=_kill_a_worker_mid_ingest, args=(client, done, killed))
-        killer.start()
-        try:
-            with pytest.raises(ClusterError, match="nothing was written"):
-                store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask=cluster.scheduler_address)
-        finally:
-            done.set()
-            killer.join()
-        assert killed
+        with pytest.raises(ClusterError, match="nothing was written"):
+            store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask=cluster.scheduler_address)
+    assert marker.exists()
     assert snapshot_state(store.path) == before
 
 
