@@ -53,8 +53,8 @@ class StorageError(TvbaseError):
 
 
 class ClusterError(TvbaseError):
-    """The Dask cluster given for a fit cannot be reached, or lost its workers more often than it
-    retries; nothing was written."""
+    """The Dask cluster given for a fit cannot be reached (or, for ``local:N``, started), or lost
+    its workers more often than it retries; nothing was written."""
 
 
 class TvbaseWarning(UserWarning):
