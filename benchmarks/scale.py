@@ -25,10 +25,11 @@ this process instead, a child would carry this process's own high-water mark int
 - ``ingest_s``, ``ingest_peak_rss_bytes`` of ``tvbase ingest -q`` of the T tasks at the default
   budget into a new store, ``ingest_over_read_pass`` (goal <= 5 on 2 CPU cores), and the store's
   ``disk_storage`` from ``tvbase info --json``;
-- ``get_s`` of ``tvbase get STORE t00 -o FILE`` against ``raw_load_s``, a subprocess that loads
-  that fine-tune and the base with safetensors and subtracts them in fp32 (the plain way to get
-  the task vector; it writes nothing, ``get`` writes its output file): ``get_over_raw_load``,
-  goal <= 1;
+- ``get_s`` of ``tvbase get STORE t00 -o FILE`` against ``raw_save_s``, a subprocess that does
+  the same work the plain way: it loads that fine-tune and the base with safetensors, subtracts
+  them in fp32 and saves the task vector with ``safetensors.torch.save_file``
+  (``get_over_raw_save``, goal <= 1); and against ``raw_load_s``, the same without the save
+  (``get_over_raw_load``, reported: ``get`` still writes its file);
 - ``compose8_s`` of ``tvbase compose`` of 8 tasks (all T when T < 8) with mixed coefficients,
   ``compose8_over_get``, goal <= 2;
 - ``later_error_ratio``: the relative error (``tvbase ls --json``) of task T ingested by a second
@@ -79,12 +80,12 @@ MODULE_PROG = "python -m benchmarks.scale"
 
 GOALS = {  # figure -> (comparison, bound)
     "ingest_over_read_pass": ("<=", 5.0),
-    "get_over_raw_load": ("<=", 1.0),
+    "get_over_raw_save": ("<=", 1.0),
     "compose8_over_get": ("<=", 2.0),
     "later_error_ratio": ("<=", 1.1),
     "peak_rss_growth": ("<", 0.20),
 }
-RATIOS = ("ingest_over_read_pass", "get_over_raw_load", "compose8_over_get", "later_error_ratio")
+RATIOS = ("ingest_over_read_pass", "get_over_raw_save", "compose8_over_get", "later_error_ratio")
 COMPOSE_COEFFICIENTS = (0.7, -0.3, 0.5, 1.0, -1.0, 0.25, 0.4, -0.6)
 
 # -- layouts -------------------------------------------------------------------------------------
@@ -208,6 +209,8 @@ def _llama(vocab=32000, hidden=4096, layers=2, intermediate=11008):
 LAYOUTS = {
     "tiny": _bert(8000, 128, 2, 512, 128, head=True, name="tiny", shared_rank=8, own_rank=4, moved_rows=200,
                   description="BERT-style, vocab 8000 x 128, 2 layers, untied MLM head (tests, quick runs)"),
+    "mid": _bert(3072, 1024, 2, 4096, 512, head=True, name="mid",
+                 description="32M: 3072 x 1024 vocabulary and untied head, 2 layers with 4096 x 1024 MLPs (the 0.1.0 comparison)"),
     "bert-base": _bert(30522, 768, 12, 3072, 512, description="BERT base (with pooler)"),
     "gpt2-small": _gpt2(),
     "llama-slice": _llama(),
@@ -593,9 +596,10 @@ def _log(message):
     print(f"[scale] {message}", file=sys.stderr, flush=True)
 
 
-def _env():
+def _env(first=None):
+    """This environment with the checkout (after ``first``, when given) ahead on PYTHONPATH."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH", "")] if p)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in [first, REPO_ROOT, env.get("PYTHONPATH", "")] if p)
     return env
 
 
@@ -726,12 +730,18 @@ class Runner:
     threads : int, optional
         CPU threads of every command (``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``, or
         ``torch.set_num_threads`` in a forked child); default: the machine's default.
+    source : path, optional
+        A folder that holds another ``tvbase`` package, put first on PYTHONPATH (``exec`` only):
+        commands then run that version, e.g. an old one from ``git archive``.
     """
 
-    def __init__(self, launcher="exec", timeout=1800.0, logs=None, device=None, threads=None):
+    def __init__(self, launcher="exec", timeout=1800.0, logs=None, device=None, threads=None, source=None):
+        if source is not None and launcher != "exec":
+            raise ValueError("source needs the exec launcher (a forked child runs this process's tvbase)")
         if launcher not in ("exec", "fork"):
             raise ValueError(f"unknown launcher {launcher!r}; use 'exec' or 'fork'")
         self.launcher, self.timeout, self.device, self.threads = launcher, float(timeout), device, threads
+        self.source = source
         self.logs = Path(logs or tempfile.mkdtemp(prefix="tvbase-scale-logs-"))
         self.logs.mkdir(parents=True, exist_ok=True)
         self.records = []
@@ -768,11 +778,12 @@ class Runner:
         # command is forked from a bare interpreter that reports the rusage of its one child.
         with open(out_path, "w") as out, open(err_path, "w") as err:
             started = time.perf_counter()
-            env = _env()
+            env = _env(self.source)
             if self.threads:
                 env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+            # cwd: `python -m` puts it first on sys.path, ahead of PYTHONPATH
             proc = subprocess.Popen([sys.executable, "-S", "-c", _SHIM, str(stats_path), *argv], stdout=out, stderr=err,
-                                    env=env, start_new_session=True)
+                                    env=env, start_new_session=True, cwd=self.source)
         expired = threading.Event()
 
         def kill():
@@ -847,8 +858,9 @@ def read_pass(paths: Sequence[str | os.PathLike]) -> dict:
     return {"inner_s": time.perf_counter() - started, "files": len(paths), "tensors": n, "bytes": nbytes}
 
 
-def raw_load(base: str | os.PathLike, finetuned: str | os.PathLike) -> dict:
-    """The plain way to a task vector: load a fine-tune and its base, subtract in fp32.
+def raw_load(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike | None = None) -> dict:
+    """The plain way to a task vector: load a fine-tune and its base, subtract in fp32, and
+    save it to ``out`` with ``safetensors.torch.save_file`` when given (what ``tvbase get`` does).
 
     Returns
     -------
@@ -856,17 +868,20 @@ def raw_load(base: str | os.PathLike, finetuned: str | os.PathLike) -> dict:
         ``inner_s`` and the task vector's ``tensors`` and fp32 ``bytes`` (held until the end).
     """
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
     started = time.perf_counter()
     tv = {}
     with safe_open(str(base), framework="pt") as b, safe_open(str(finetuned), framework="pt") as f:
         for key in f.keys():
             tv[key] = f.get_tensor(key).float() - b.get_tensor(key).float()
+    if out is not None:
+        save_file(tv, str(out))
     return {"inner_s": time.perf_counter() - started, "tensors": len(tv), "bytes": sum(t.numel() * 4 for t in tv.values())}
 
 
 def child_main(argv: Sequence[str]) -> int:
-    """``python -m benchmarks.scale --child read-pass FILE...`` or ``--child raw-load BASE FINETUNED``:
+    """``python -m benchmarks.scale --child read-pass FILE...`` or ``--child raw-load BASE FINETUNED [OUT]``:
     run one baseline and print its result as JSON."""
     kind, args = argv[0], list(argv[1:])
     result = read_pass(args) if kind == "read-pass" else raw_load(*args) if kind == "raw-load" else None
@@ -1015,8 +1030,13 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
     runner.child("raw-load", zoo.base, tasks[names[0]])  # warm
     raw = runner.child("raw-load", zoo.base, tasks[names[0]])
     r["raw_load_s"], r["raw_load_peak_rss_bytes"] = _timed(raw, f"raw load of {names[0]}")
+    out = work / "raw.safetensors"
+    saved = runner.child("raw-load", zoo.base, tasks[names[0]], out)
+    out.unlink(missing_ok=True)
+    r["raw_save_s"], r["raw_save_peak_rss_bytes"] = _timed(saved, f"raw load and save of {names[0]}")
     r["get_over_raw_load"] = ratio(r["get_s"], r["raw_load_s"])
-    say(f"get {_fmt_s(r['get_s'])}, raw load {_fmt_s(r['raw_load_s'])}")
+    r["get_over_raw_save"] = ratio(r["get_s"], r["raw_save_s"])
+    say(f"get {_fmt_s(r['get_s'])}, raw load {_fmt_s(r['raw_load_s'])}, raw load and save {_fmt_s(r['raw_save_s'])}")
 
     # compose 8 tasks (all of them when fewer)
     terms = names[:8]
@@ -1346,16 +1366,17 @@ def _fmt_status(x):
 def tables(summary: dict) -> str:
     """The markdown tables of a summary (also what the command prints)."""
     lines = [
-        "| layout | params | T | read pass | ingest | ingest ÷ read (≤ 5) | ingest peak RSS | store on disk | get | raw load "
-        "| get ÷ raw (≤ 1) | compose 8 | compose ÷ get (≤ 2) | later / joint error | ratio (≤ 1.1) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | params | T | read pass | ingest | ingest ÷ read (≤ 5) | ingest peak RSS | store on disk | get | raw load + save "
+        "| get ÷ raw + save (≤ 1) | raw load | get ÷ raw load | compose 8 | compose ÷ get (≤ 2) | later / joint error | ratio (≤ 1.1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["layouts"]:
         lines.append(
             f"| {r['layout']} ({r['dtype']}) | {r['params'] / 1e6:.1f}M | {r['tasks']} | {_fmt_s(r['read_pass_s'])} | {_fmt_s(r['ingest_s'])} "
             f"| {_fmt_ratio(r['ingest_over_read_pass'], 'ingest_over_read_pass')} | {_fmt_bytes(r['ingest_peak_rss_bytes'])} "
-            f"| {_fmt_pct(r.get('disk_storage'), 2)} | {_fmt_s(r['get_s'])} | {_fmt_s(r['raw_load_s'])} "
-            f"| {_fmt_ratio(r['get_over_raw_load'], 'get_over_raw_load')} | {_fmt_s(r['compose8_s'])} "
+            f"| {_fmt_pct(r.get('disk_storage'), 2)} | {_fmt_s(r['get_s'])} | {_fmt_s(r['raw_save_s'])} "
+            f"| {_fmt_ratio(r['get_over_raw_save'], 'get_over_raw_save')} | {_fmt_s(r['raw_load_s'])} "
+            f"| {_fmt_ratio(r['get_over_raw_load'])} | {_fmt_s(r['compose8_s'])} "
             f"| {_fmt_ratio(r['compose8_over_get'], 'compose8_over_get')} "
             f"| {_fmt_num(r['later_rel_error'])} / {_fmt_num(r['joint_rel_error'])} | {_fmt_ratio(r['later_error_ratio'], 'later_error_ratio')} |"
         )
@@ -1390,8 +1411,8 @@ def markdown(summary: dict, plot: str | None = None) -> str:
         f"({gen['energy']['own']:.0%}) and dense noise ({gen['energy']['noise']:.0%}); word embeddings and untied heads also move "
         f"a few hundred rows ({gen['moved_share']:.0%} of their energy); every delta's norm is {gen['rel_norm'][0]:.0%}-"
         f"{gen['rel_norm'][1]:.0%} of its weight's. Read pass: `safe_open` + `get_tensor` (bytes copied out) of the base and the T "
-        "fine-tunes, page cache warm; raw load: one fine-tune and the base loaded and subtracted in fp32 (writes nothing; `get` writes its "
-        "file); later / joint error: the relative error of task T ingested by a second `tvbase ingest` / with the others in "
+        "fine-tunes, page cache warm; raw load + save: one fine-tune and the base loaded and subtracted in fp32, the task vector "
+        "saved with `safetensors.torch.save_file` (the work `get` does, done plainly); raw load: the same without the save; later / joint error: the relative error of task T ingested by a second `tvbase ingest` / with the others in "
         "one ingest. ✗ marks a missed goal.",
         "",
         tables(summary),

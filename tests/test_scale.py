@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win3
 TINY = scale.LAYOUTS["tiny"]
 LAYOUT_FIGURES = (
     "read_pass_s", "read_pass_peak_rss_bytes", "init_s", "ingest_s", "ingest_peak_rss_bytes", "ingest_over_read_pass",
-    "disk_storage", "get_s", "raw_load_s", "get_over_raw_load", "compose8_s", "compose8_over_get", "later_ingest_s",
+    "disk_storage", "get_s", "raw_load_s", "get_over_raw_load", "raw_save_s", "get_over_raw_save", "compose8_s", "compose8_over_get", "later_ingest_s",
     "later_rel_error", "joint_rel_error", "later_error_ratio", "joint_ingest_s", "joint_ingest_peak_rss_bytes",
 )  # fmt: skip
 
@@ -190,7 +190,7 @@ def test_commands_past_the_timeout_are_recorded_and_the_run_goes_on(cache, zoo, 
     summary = scale.run(["tiny"], tasks=2, growth_tasks=3, cache=cache, out=tmp_path, results_md=None, timeout=0.001,
                         launcher="fork", progress=False, threads=1)
     r = summary["layouts"][0]
-    for key in (*scale.RATIOS, "ingest_s", "read_pass_s", "raw_load_s"):
+    for key in (*scale.RATIOS, "ingest_s", "read_pass_s", "raw_load_s", "raw_save_s"):
         assert r[key].get("timed_out") is True, (key, r[key])
     assert summary["growth"]["peak_rss_growth"].get("timed_out") is True
     assert all(row["met"] is None for row in summary["goals"])
