@@ -328,11 +328,13 @@ class _Fit:
     def _range_widths(self, name):
         """Columns of the range sketches of a matrix, ``(l_u, l_v)``; ``None`` for a side that
         a sketch would cover whole (then the side is used as it is). Sized for the largest
-        cluster possible, all tasks: a smaller cluster's ranks only get more oversampling."""
+        cluster possible, all tasks, at twice the largest rank: a budget often keeps ranks near
+        ``max_rank``, and there a sketch only a quarter wider than the rank lost a tenth of the
+        accuracy the exact bases give (benchmarks/RESULTS.md, the 0.1.0 comparison)."""
         m, n = self.matrices[name]
         k = len(self.tasks)
         ru, rv = min(m, k * n, self.p.max_rank), min(n, k * m, self.p.max_rank)
-        l_u, l_v = ru + _oversample(ru), rv + _oversample(rv)
+        l_u, l_v = 2 * ru, 2 * rv
         return (l_u if l_u < m else None), (l_v if l_v < n else None)
 
     def _summed_range(self, side, group, name):
@@ -351,8 +353,9 @@ class _Fit:
 
         ``U`` and ``V`` are the leading left and right singular vectors of the cluster's task
         vectors side by side (Tucker-2 by HOSVD), found without an m x m or n x n matrix: a
-        randomized range finder (Halko, Martinsson and Tropp 2011, alg. 4.1) gives orthonormal
-        ``Q_U`` (m, l_u) and ``Q_V`` (n, l_v) from the scan's sketches; one read projects every
+        randomized range finder (Halko, Martinsson and Tropp 2011, alg. 4.1, with one power
+        iteration per task, see :func:`_range_sketches`) gives orthonormal ``Q_U`` (m, l_u) and
+        ``Q_V`` (n, l_v) from the scan's sketches; one read projects every
         task, ``K_t = Q_U^T X_t Q_V`` (l_u, l_v), and sums the small Grams of ``Q_U^T X_t`` and
         ``X_t Q_V``, whose leading eigenvectors rotate ``Q_U``, ``Q_V`` into ``U``, ``V``
         (Rayleigh-Ritz). A side no longer than the sketch is taken whole, which makes small
@@ -522,17 +525,30 @@ def _probe(x, p, probe_rank=16):
 
 
 def _range_sketches(x, i, j, widths, seed):
-    """Range sketches of task ``j``'s matrix ``i`` (m, n): ``Y_t = X_t Omega_t`` (m, l_u) and
-    ``Z_t = X_t^T Psi_t`` (n, l_v), None for a side a sketch would cover whole, with Gaussian test
-    matrices drawn from a seed of (fit, matrix, task). Summed over a cluster they sketch the
-    ranges of the cluster's task vectors side by side (the ``Omega_t`` stacked are one test
-    matrix of ``[X_1 ... X_k]``), so the scan's read serves the shared bases too."""
+    """Range sketches of task ``j``'s matrix ``i`` (m, n): ``Y_t`` (m, l_u) and ``Z_t`` (n, l_v),
+    None for a side a sketch would cover whole, from Gaussian test matrices drawn from a seed of
+    (fit, matrix, task). Summed over a cluster they sketch the ranges of the cluster's task
+    vectors side by side, so the scan's read serves the shared bases too.
+
+    Half of each sketch's columns are plain, ``X_t Omega_t``: they keep every direction of a
+    matrix of rank up to half the width, however weak. The other half come after one power
+    iteration, ``(X_t X_t^T) X_t Omega'_t / ||X_t||^2``, which weighs directions by the cube of
+    their singular values and so leans to the leading ones rather than the flat tail (noise).
+    Plain sketches alone had 4-10% more error than exact bases on the 0.1.0 comparison's zoo
+    (benchmarks/RESULTS.md); a power-iterated one alone loses weak directions to float32
+    rounding, so that full-rank fits stop being exact."""
     l_u, l_v = widths
     gen = torch.Generator(device=x.device).manual_seed(_seed(seed, i, j))
     m, n = x.shape
-    y = x @ torch.randn(n, l_u, generator=gen, device=x.device) if l_u is not None else None
-    z = x.T @ torch.randn(m, l_v, generator=gen, device=x.device) if l_v is not None else None
-    return y, z
+    energy = x.square().sum().clamp_min(torch.finfo(x.dtype).tiny)
+
+    def sketch(a, width):  # a (rows, cols) -> (rows, width)
+        half = width // 2
+        plain = a @ torch.randn(a.shape[1], width - half, generator=gen, device=x.device)
+        powered = a @ (a.T @ (a @ torch.randn(a.shape[1], half, generator=gen, device=x.device))) / energy
+        return torch.cat([plain, powered], dim=1)
+
+    return (sketch(x, l_u) if l_u is not None else None), (sketch(x.T, l_v) if l_v is not None else None)
 
 
 def _project_item(x, mshape, ranges, device):
