@@ -102,6 +102,21 @@ def test_local_work_reads_one_ahead_in_order_and_passes_errors_on():
     assert threading.current_thread() not in threads  # read by the background thread
 
 
+def test_local_work_hands_free_memory_back_after_every_trim_every_bytes(monkeypatch):
+    import torch
+
+    from tvbase.methods import work
+
+    trims = []
+    monkeypatch.setattr(work, "release_free_memory", lambda: trims.append(len(done)))
+    monkeypatch.setattr(work, "TRIM_EVERY", 3 * 4096)
+    done = []
+    items = [((f"t{i}", "w"), ()) for i in range(10)]
+    for key, x in work.LocalWork(lambda task, name: torch.zeros(1024)).map(lambda x: x, iter(items)):
+        done.append(key)
+    assert trims == [2, 5, 8]  # before the 3rd, 6th and 9th item's work: 3 x 4 KiB read each time
+
+
 @pytest.fixture(scope="module")
 def vocabulary_zoo(tmp_path_factory):
     """A 6144 x 64 vocabulary matrix and a small layer; each fine-tune moves 60 token rows far
