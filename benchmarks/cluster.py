@@ -25,19 +25,16 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from benchmarks import scale
 from benchmarks.s3 import BUCKET, MotoServer
-from tvbase import Store, __version__
-from tvbase.bench.report import replace_section, write_outputs
+from tvbase import Store
+from tvbase.bench.report import command_line, machine, output_options, replace_section, write_outputs
 from tvbase.methods import tucker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -168,15 +165,12 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="LocalCluster sizes (default 1 2)")
     parser.add_argument("--seed", type=int, default=0, help="zoo seed (default %(default)s)")
     parser.add_argument("--cache", default=str(scale.DEFAULT_CACHE), help="zoo cache (default: the scale benchmark's)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default %(default)s)")
-    parser.add_argument("--results-md", default=str(DEFAULT_RESULTS_MD), help="RESULTS.md to update ('' for none)")
+    output_options(parser, DEFAULT_OUT, DEFAULT_RESULTS_MD)
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.cluster", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("benchmarks.cluster", argv)
     load = os.getloadavg()[0]
     results = run(args.layout, args.tasks, args.workers, args.seed, args.cache)
-    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "tvbase": __version__,
-                          "cpus": len(os.sched_getaffinity(0)), "platform": platform.platform(),
-                          "load_average_start": load, "load_average_end": os.getloadavg()[0]}
+    results["machine"] = machine(load_average_start=load, load_average_end=os.getloadavg()[0])
     results["command"] = command
     table = format_table(results)
     write_outputs(args.out, "cluster", results, table)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import shlex
 import socket
 import statistics
 import subprocess
@@ -34,8 +32,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import scale
-from tvbase import Store, __version__
-from tvbase.bench.report import replace_section, write_outputs
+from tvbase import Store
+from tvbase.bench.report import command_line, machine, output_options, replace_section, write_outputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "s3"
@@ -157,13 +155,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="zoo and torch seed (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="gets timed per store, median kept (default %(default)s)")
     parser.add_argument("--cache", default=str(scale.DEFAULT_CACHE), help="zoo cache (default: the scale benchmark's)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default %(default)s)")
-    parser.add_argument("--results-md", default=str(DEFAULT_RESULTS_MD), help="RESULTS.md to update ('' for none)")
+    output_options(parser, DEFAULT_OUT, DEFAULT_RESULTS_MD)
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.s3", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("benchmarks.s3", argv)
     results = run(args.tasks, args.seed, args.repeats, args.cache)
-    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "tvbase": __version__,
-                          "cpus": os.cpu_count(), "platform": platform.platform(), "device": "cpu", "dtype": "float32"}
+    results["machine"] = machine(device="cpu", dtype="float32")
     results["command"] = command
     table = format_table(results)
     write_outputs(args.out, "s3", results, table)

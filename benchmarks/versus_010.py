@@ -20,21 +20,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
-import shlex
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from benchmarks import scale
-from tvbase import __version__
-from tvbase.bench.report import replace_section, write_outputs
+from tvbase.bench.report import command_line, machine, output_options, replace_section, write_outputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "versus_010"
@@ -145,10 +140,6 @@ def run(layout="mid", n_tasks=8, seed=0, old=OLD, budget="3%", timeout=5400.0, c
     return results
 
 
-def _cell(r, key, fmt):
-    return fmt(r[key]) if key in r else "failed: " + str(r.get("failed", {}).get("error") or r.get("failed"))[:80]
-
-
 def format_table(results):
     r, raw = results, results["raw_fp32_bytes"]
     lines = [
@@ -161,7 +152,8 @@ def format_table(results):
     for label, name in (("old", "0.1.0 (Grams + eigh)"), ("new", "streamed")):
         v = r[label]
         if "rel_error" not in v:
-            lines.append(f"| {name} | {_cell(v, 'x', str)} | | | | | | |")
+            why = (v.get("failed") or {}).get("error") or v.get("failed")
+            lines.append(f"| {name} | failed: {str(why)[:80]} | | | | | | |")
             continue
         errs = v["rel_error"].values()
         lines.append(f"| {name} | {v['ingest_s']:.1f} s | {v['ingest_cpu_s']:.1f} s | {v['ingest_peak_rss_bytes'] / 1e9:.2f} GB | "
@@ -187,13 +179,11 @@ def main(argv=None):
     parser.add_argument("--budget", default="3%", help="--budget of both ingests (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=5400.0, help="seconds per command (default %(default)s)")
     parser.add_argument("--cache", default=str(scale.DEFAULT_CACHE), help="zoo cache (default: the scale benchmark's)")
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default %(default)s)")
-    parser.add_argument("--results-md", default=str(DEFAULT_RESULTS_MD), help="RESULTS.md to update ('' for none)")
+    output_options(parser, DEFAULT_OUT, DEFAULT_RESULTS_MD)
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.versus_010", *(argv if argv is not None else sys.argv[1:])])
+    command = command_line("benchmarks.versus_010", argv)
     results = run(args.layout, args.tasks, args.seed, args.old, args.budget, args.timeout, args.cache)
-    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "tvbase": __version__,
-                          "cpus": os.cpu_count(), "platform": platform.platform()}
+    results["machine"] = machine()
     results["command"] = command
     results = json.loads(json.dumps(results, default=str).replace(str(REPO_ROOT) + "/", ""))  # paths relative to the checkout
     table = format_table(results)

@@ -3,6 +3,10 @@ benchmark owns the text between its ``<!-- NAME:start -->`` and ``<!-- NAME:end 
 never touches the rest."""
 
 import json
+import os
+import platform
+import shlex
+import sys
 from pathlib import Path
 
 from ..io.save import write_atomic
@@ -35,3 +39,25 @@ def write_outputs(out, stem, results, table):
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)
+
+
+def output_options(parser, out, results_md):
+    """``--out`` and ``--results-md``, the output options every benchmark takes."""
+    parser.add_argument("--out", default=str(out), help="output folder (default %(default)s)")
+    parser.add_argument("--results-md", default=str(results_md), help="RESULTS.md to update ('' for none)")
+
+
+def command_line(module, argv=None):
+    """``python -m MODULE ARGS``, the command a run records beside its figures."""
+    return shlex.join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])])
+
+
+def machine(**extra):
+    """The versions and machine a run's figures come from, plus ``extra``."""
+    import torch
+
+    from .._version import __version__
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"python": platform.python_version(), "torch": torch.__version__, "tvbase": __version__, "cpus": cpus,
+            "platform": platform.platform(), **extra}
