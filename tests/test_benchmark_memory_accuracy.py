@@ -27,7 +27,8 @@ from tvbase.methods.seed import ties_merge
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 ARCHS = ("vit",)
-BASELINE_FAMILIES = {"raw fp32", "fp16", "int8", "BitDelta", "TSV-C", "TALL masks", "PCA", "Gram AE", "cluster mean"}
+BASELINE_FAMILIES = {"raw fp32", "fp16", "int8", "BitDelta", "TSV-C", "TALL masks", "PCA", "Gram AE", "cluster mean",
+                     "DARE", "UltraDelta", "T-Switch", "Delta-CoMe", "TVQ", "RTVQ"}
 # families built by `Store.ingest` (the library), and the ingest method of each seed basis
 STORE_FAMILIES = {"tvbase", "PCA", "Gram AE", "cluster mean"}
 SEED_METHOD = {"PCA": "pca", "Gram AE": "autoencoder", "cluster mean": "cluster-merge"}
@@ -213,6 +214,7 @@ def test_cli_bench_needs_a_benchmark(capsys):
         (["--seed", "1"], Path("benchmarks", "results", "seed1"), None),
         (["--quick", "--cache", "c"], Path("c", "quick-results"), None),
         (["--seed", "1", "--out", "o", "--results-md", "r.md"], Path("o"), Path("r.md")),
+        (["--methods", "tvbase,DARE"], Path("benchmarks", "results", "methods"), None),
     ],
 )
 def test_only_the_full_seed0_run_writes_the_default_outputs(monkeypatch, capsys, argv, out, results_md):
@@ -343,3 +345,41 @@ def test_one_place_per_concern():
     with pytest.raises(KeyError, match="valid baselines: fp32, fp16"):
         baselines.make_baseline("nope")
     assert isinstance(baselines.make_baseline("pca", n_components=2), baselines.StoreMethod)
+
+
+def test_methods_runs_only_the_named_families(quick_cache, tmp_path):
+    """--methods: only those rows, recorded in the outputs and the command; names without regard to case."""
+    families = memory_accuracy.build_parser().parse_args(["--methods", "dare, TVBASE"]).methods
+    assert families == ["DARE", "tvbase"]
+    results = run(archs=ARCHS, cache=quick_cache, out=tmp_path, quick=True, progress=False, families=families)
+    methods = results["archs"]["vit"]["methods"]
+    assert {m["family"] for m in methods} == {"DARE", "tvbase"}
+    assert len([m for m in methods if m["family"] == "tvbase"]) == len(QUICK.budgets)
+    assert results["meta"]["families"] == ["DARE", "tvbase"]  # in table order
+    assert "--methods DARE,tvbase" in results["meta"]["command"]
+    assert "Only these method families were run" in (tmp_path / "memory_accuracy.md").read_text()
+
+
+def test_methods_refuses_an_unknown_family(capsys):
+    with pytest.raises(SystemExit) as info:
+        memory_accuracy.main(["--methods", "tvbase,UltraDelta,mergekit"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown method families ['mergekit']" in err and "T-Switch" in err
+    with pytest.raises(ValueError, match="unknown method families"):
+        run(archs=ARCHS, quick=True, families=["nope"])
+
+
+def test_a_section_holding_another_is_not_replaced(tmp_path):
+    """A section nested inside another's markers (a hand edit) would be deleted by the outer one's
+    rewrite: refused, the file unchanged."""
+    from tvbase.bench.report import replace_section
+
+    path = tmp_path / "RESULTS.md"
+    text = f"# R\n\n{MARK_START}\n<!-- scale:start -->\nscale\n<!-- scale:end -->\nold\n{MARK_END}\n"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="holds other sections \\(scale\\)"):
+        replace_section(path, "memory-accuracy", "new")
+    assert path.read_text() == text
+    replace_section(path, "scale", "new scale")  # the inner one is still replaced in place
+    assert "new scale" in path.read_text() and "old" in path.read_text()

