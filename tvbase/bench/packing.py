@@ -1,7 +1,7 @@
 """Packed storage for the peers of the memory-accuracy benchmark: what a file of each method
 would hold, so that its bytes are counted as written, not as simulated floats.
 
-- :func:`pack_uint` / :func:`unpack_uint`: unsigned codes of any width from 1 to 16 bits, packed
+- :func:`pack_uint` / :func:`unpack_uint`: unsigned codes of any width from 1 to 32 bits, packed
   back to back (``ceil(n * bits / 8)`` bytes); a 3-bit code costs 3 bits, not a byte.
 - :func:`pack_positions` / :func:`unpack_positions`: the positions of the kept entries of a
   sparse tensor, as the smaller of a bitmap (1 bit per entry) and Golomb-Rice coded gaps
@@ -21,12 +21,12 @@ __all__ = ["pack_positions", "pack_uint", "unpack_positions", "unpack_uint"]
 def pack_uint(codes: np.ndarray, bits: int) -> np.ndarray:
     """Unsigned integer codes in ``[0, 2**bits)`` packed back to back, first code in the lowest
     bits: uint8 of shape ``(ceil(n * bits / 8),)``."""
-    if not 1 <= bits <= 16:
-        raise ValueError(f"bits must be 1..16, got {bits}")
+    if not 1 <= bits <= 32:
+        raise ValueError(f"bits must be 1..32, got {bits}")
     codes = np.asarray(codes).reshape(-1)
     if codes.size and (codes.min() < 0 or codes.max() >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits: [{codes.min()}, {codes.max()}]")
-    planes = (codes.astype(np.uint32)[:, None] >> np.arange(bits, dtype=np.uint32)) & 1  # (n, bits)
+    planes = (codes.astype(np.uint64)[:, None] >> np.arange(bits, dtype=np.uint64)) & 1  # (n, bits)
     return np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little")
 
 
