@@ -146,6 +146,11 @@ class Compressor:
         self.shapes_ = _shapes(task_vectors)
         self.packed_: dict[tuple, np.ndarray] = {}
 
+    def _dense(self, task: str, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """Task ``task``'s tensor ``name`` if it was stored densely (key ``(task, name, "dense")``), else None."""
+        dense = self.packed_.get((task, name, "dense"))
+        return None if dense is None else torch.from_numpy(dense.astype(np.float32)).reshape(shape)
+
     def _check_task(self, task: str) -> None:
         if task not in self.tasks_:
             raise KeyError(f"task {task!r} was not fitted; fitted tasks: {', '.join(self.tasks_)}")
@@ -252,9 +257,8 @@ class BitDelta(Compressor):
         self._check_task(task)
         out = {}
         for name, shape in self.shapes_.items():
-            if (task, name, "dense") in self.packed_:
-                out[name] = torch.from_numpy(self.packed_[task, name, "dense"].astype(np.float32)).reshape(shape)
-            else:
+            out[name] = self._dense(task, name, shape)
+            if out[name] is None:
                 positive = _unpack_bits(self.packed_[task, name, "sign"], shape)
                 scale = float(self.packed_[task, name, "scale"][0])
                 out[name] = torch.where(positive, scale, -scale).to(torch.float32)
@@ -328,9 +332,8 @@ class TsvCompress(Compressor):
         self._check_task(task)
         out = {}
         for name, shape in self.shapes_.items():
-            if (task, name, "dense") in self.packed_:
-                out[name] = torch.from_numpy(self.packed_[task, name, "dense"].astype(np.float32)).reshape(shape)
-            else:
+            out[name] = self._dense(task, name, shape)
+            if out[name] is None:
                 us = torch.from_numpy(self.packed_[task, name, "US"].astype(np.float32))  # (m, k)
                 v = torch.from_numpy(self.packed_[task, name, "V"].astype(np.float32))  # (n, k)
                 out[name] = (us @ v.T).reshape(shape)

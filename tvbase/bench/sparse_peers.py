@@ -517,8 +517,8 @@ class TSwitch(Compressor):
         self._check_task(task)
         out = {}
         for name, shape in self.shapes_.items():
-            if (task, name, "dense") in self.packed_:
-                out[name] = torch.from_numpy(self.packed_[task, name, "dense"].astype(np.float32)).reshape(shape)
+            out[name] = self._dense(task, name, shape)
+            if out[name] is not None:
                 continue
             mask = unpack_positions(self.packed_[task, name, "pos"], math.prod(shape))
             positive = torch.from_numpy(unpack_uint(self.packed_[task, name, "sign"], 1, int(mask.sum())) == 1)
