@@ -215,6 +215,7 @@ def test_cli_bench_needs_a_benchmark(capsys):
         (["--quick", "--cache", "c"], Path("c", "quick-results"), None),
         (["--seed", "1", "--out", "o", "--results-md", "r.md"], Path("o"), Path("r.md")),
         (["--methods", "tvbase,DARE"], Path("benchmarks", "results", "methods"), None),
+        (["--seed", "1", "--methods", "tvbase"], Path("benchmarks", "results", "methods-seed1"), None),
     ],
 )
 def test_only_the_full_seed0_run_writes_the_default_outputs(monkeypatch, capsys, argv, out, results_md):

