@@ -18,7 +18,6 @@ Writes ``OUT/NAME.json`` and ``OUT/NAME.md`` (defaults: benchmarks/results, text
 """
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from safetensors.torch import save_file
 
 from benchmarks.fit_sweep import parse_variant
 from tvbase import FitParams, Store
-from tvbase.bench.report import write_outputs
+from tvbase.bench.report import command_line, write_outputs
 from tvbase.demo.text_zoo import TextZoo
 from tvbase.testing.metrics import relative_error
 
@@ -133,7 +132,7 @@ def main(argv=None):
         rows.append(f"| {label or 'defaults'} | {r['storage_percent']:.3f} | {r['mean']:.3f} / {r['worst']:.3f} | "
                     f"{r['worst_task']} | {r['rel_error']:.3f} | {r['clusters']} |")
         print(rows[-1], file=sys.stderr, flush=True)
-    header = [f"`{shlex.join(['python', '-m', 'benchmarks.text_sweep', *(argv if argv is not None else sys.argv[1:])])}`", "",
+    header = [f"`{command_line('benchmarks.text_sweep', argv)}`", "",
               f"{args.zoo.name}: {len(zoo.tasks)} tasks at --budget {args.budget:g}", "",
               "| variant | storage % | mean / worst | worst task | mean rel. error | clusters |", "|---|---:|---:|---|---:|---:|"]
     write_outputs(args.out, args.name, {"budget": args.budget, "zoo": str(args.zoo), "variants": records}, "\n".join(header + rows))

@@ -102,3 +102,21 @@ def test_zoo_rejects_bad_arguments(tmp_path):
         _zoo(tmp_path / "c", n_families=1)
     with pytest.raises(ValueError, match="frozen"):
         _zoo(tmp_path / "d", frozen={"w": torch.zeros(12, 8)})
+
+
+def test_torch_threads_sets_and_restores_the_count():
+    """tvbase.devices.torch_threads: the block runs with n threads, the old count comes back even
+    after an error, and None leaves the setting alone."""
+    import torch
+
+    from tvbase.devices import torch_threads
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(target):
+            assert torch.get_num_threads() == target
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

@@ -1,4 +1,6 @@
-"""The torch device a read or fit runs on, checked once at the boundary."""
+"""The torch device a read or fit runs on, checked once at the boundary, and the CPU threads it uses."""
+
+import contextlib
 
 import torch
 
@@ -18,3 +20,16 @@ def resolve_device(device):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("device 'cuda' requested but no CUDA GPU is available; use --device cpu")
     return device
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Run the block with ``n`` torch CPU threads, restoring the previous count after; ``n`` None
+    or 0 leaves the setting alone."""
+    previous = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

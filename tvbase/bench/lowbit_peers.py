@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..codec import matrix_shape
+from ..devices import torch_threads
 from .baselines import Compressor
 from .packing import pack_uint, unpack_uint
 
@@ -173,12 +174,8 @@ def _top_svd(x: torch.Tensor, r: int):
     gram = a.T @ a  # (short, short)
     # one thread for the small eigenproblem: threaded, it took seconds instead of 20 ms on a busy
     # 2-core machine (threads spinning on each other)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         evals, evecs = torch.linalg.eigh(gram)  # ascending
-    finally:
-        torch.set_num_threads(previous_threads)
     evals, short = evals.flip(0)[:r], evecs.flip(1)[:, :r]  # (r,), (short, r)
     s = evals.clamp(min=0.0).sqrt()
     long = (a @ short) / torch.where(s > 0, s, 1.0)  # (long, r)

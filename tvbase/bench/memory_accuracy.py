@@ -60,9 +60,10 @@ from .. import FitParams, __version__
 from ..coefficients import choose_addition_alpha, choose_negation_alpha
 from ..demo import text_zoo
 from ..demo.zoo import CONTROL_TASK, Zoo, build_zoo
+from ..devices import torch_threads
 from ..testing.metrics import relative_error
 
-from . import DESCRIPTIONS
+from . import DESCRIPTIONS, lowbit_peers, sparse_peers
 from .baselines import (
     BitDelta,
     Fp16,
@@ -76,7 +77,6 @@ from .baselines import (
     TallMasks,
     TsvCompress,
 )
-from . import lowbit_peers, sparse_peers
 from .report import markers, replace_section
 
 __all__ = [
@@ -172,6 +172,7 @@ FULL = Config(
     budgets=(0.01, 0.02, 0.03, 0.04, 0.05, 0.10),  # 4%: BitDelta's size, for composition at equal bytes
     grid=tuple(float(a) for a in np.linspace(0, 1, 21)),
 )
+
 
 def _full_peers(n_tasks, seed):  # every setting of each peer's sweep
     return [*sparse_peers.variants(n_tasks, seed=seed), *lowbit_peers.variants(n_tasks)]
@@ -823,13 +824,9 @@ def run(
     command = command or _command(archs, cache, out, quick, seed, threads or 1, device, results_md, text_model, families)
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.manual_seed(seed)
         per_arch = {arch: run_arch(arch, cache, configs[arch], seed, device, progress, text_model, families) for arch in archs}
-    finally:
-        torch.set_num_threads(previous_threads)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "memory_accuracy.json"
     results = {

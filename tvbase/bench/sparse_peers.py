@@ -29,6 +29,7 @@ import re
 import numpy as np
 import torch
 
+from ..devices import torch_threads
 from .baselines import Compressor, TaskVectors
 from .packing import pack_positions, pack_uint, unpack_positions, unpack_uint
 
@@ -209,12 +210,8 @@ def _nuclear_norm(a: torch.Tensor) -> float:
     0.03 s."""
     a = a.double()
     gram = a.T @ a if a.shape[0] >= a.shape[1] else a @ a.T  # (min(m, n), min(m, n))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         values = torch.linalg.svdvals(gram)  # (min(m, n),)
-    finally:
-        torch.set_num_threads(threads)
     return float(values.sqrt().sum())
 
 

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..devices import torch_threads
 from ..errors import FormatVersionError, InvalidInputError, NotFoundError
 from ..io.save import write_atomic
 from .zoo import _cached_info, _resolve_tasks, _state_dict, _task_seed
@@ -656,12 +657,8 @@ def build_text_zoo(
             print(f"[zoo] {message}", file=sys.stderr, flush=True)
 
     previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         info = _build(root, model_dir, names, seed, config, log)
-    finally:
-        torch.set_num_threads(previous_threads)
     info.update(key)
     info["model"] = {**model, "dir": str(model_dir.resolve()), **info.pop("model_facts")}
     info["torch_threads"] = threads or previous_threads

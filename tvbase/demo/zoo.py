@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..devices import torch_threads
 from ..errors import FormatVersionError, InvalidInputError, NotFoundError
 from ..io.save import write_atomic
 
@@ -678,12 +679,8 @@ def build_zoo(
 
     # One thread: these models are far too small to gain from more, and a fixed count keeps
     # CPU float reductions, hence the checkpoints, identical from run to run.
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         info = _build(root, arch, recipe, names, seed, config, log)
-    finally:
-        torch.set_num_threads(previous_threads)
     info.update(key)
     _write_json(root / "zoo.json", info)
     return Zoo(root)
