@@ -222,3 +222,19 @@ def test_ratio_and_expression():
     from tvbase.arithmetic import parse_expression
 
     assert len(parse_expression(expr, known=names)) == 8
+
+
+def test_compute_floor_counts_the_products_of_ingest_and_get(zoo, tmp_path):
+    from benchmarks import compute_floor
+
+    r = compute_floor.run(zoo.root, 2)
+    assert r["params_per_task"] == TINY.n_params and r["gemm_flops_per_s"] > 0
+    # a get multiplies factors of rank >= 1 into every matrix: at least 2 m n FLOPs each
+    matrices = [shape for _, shape, kind in TINY.tensors if len(shape) == 2]
+    assert r["get"]["matmul_flops"] >= sum(2 * m * n for m, n in matrices)
+    # the fit multiplies every matrix of every task by sketches of many columns, a get only once
+    assert r["ingest"]["matmul_flops"] > 2 * r["get"]["matmul_flops"]
+    assert r["ingest"]["floor_s"] == pytest.approx(r["ingest"]["matmul_flops"] / r["gemm_flops_per_s"])
+    assert "| ingest |" in compute_floor.table(r, "cmd") and "| get |" in compute_floor.table(r, "cmd")
+    with pytest.raises(SystemExit, match="lacks"):
+        compute_floor.run(zoo.root, 99)

@@ -91,19 +91,24 @@ class ClusterTucker:
         What one tensor's work holds at once, for the largest tensor: the fine-tune, the base and
         the delta as read, the residual, the rebuilt shared part, an SVD's factors and workspace
         (about ``PEAK_TENSOR_COPIES`` float32 copies, measured on a 30522 x 768 embedding); plus
-        what is kept across tensors: every task's quantized cores at the largest shared rank.
-        Range sketches, float cores and per-task factors wait on disk, not in memory.
+        what is kept across tensors: every cluster's quantized candidate bases at the largest
+        shared rank, and per task its quantized dense tensors and its candidates' curves. Range
+        sketches, cores and per-task factors wait on disk, not in memory.
         """
         params = self.params if self.params is not None else FitParams()
         largest = max(4 * math.prod(int(s) for s in shape) for shape in shapes.values())
-        cores = 0
-        if self.shared:
-            for shape in shapes.values():
-                mshape = matrix_shape(shape)
-                if mshape:
-                    r = min(*mshape, params.max_rank)
-                    cores += payload_nbytes(r, r, params.bits)
-        return PROCESS_BYTES + PEAK_TENSOR_COPIES * largest + n_tasks * cores
+        bases = per_task = 0
+        for shape in shapes.values():
+            mshape = matrix_shape(shape)
+            if mshape is None:
+                per_task += payload_nbytes(math.prod(int(s) for s in shape), 1, params.dense_bits)
+                continue
+            r = min(*mshape, params.max_rank)
+            per_task += 3 * 8 * (r + 1)  # cost, gain and error of every rank, float64
+            if self.shared:
+                bases += payload_nbytes(mshape[0], r, params.bits) + payload_nbytes(mshape[1], r, params.bits)
+        clusters = min(n_tasks, params.n_clusters if isinstance(params.n_clusters, int) else TaskClusterer().max_clusters)
+        return PROCESS_BYTES + PEAK_TENSOR_COPIES * largest + clusters * bases + n_tasks * per_task
 
     def fit(self, source, tasks, shapes, work=None):
         """Factorize the task vectors of ``tasks``.
@@ -254,8 +259,16 @@ class _Fit:
 
     def _factors_on_disk(self):
         """Predicted disk bytes of the factors fitted so far: compressed payload and index rows."""
-        payloads = [q.to_bytes() for q in self._factor_payloads()]
-        return compressed_nbytes(payloads) + len(payloads) * INDEX_ROW_DISK_BYTES
+        count = 0
+
+        def payloads():  # one factor in memory at a time: all of them at T = 32 took 0.3 GB more
+            nonlocal count
+            for q in self._factor_payloads():
+                count += 1
+                yield q.to_bytes()
+
+        compressed = compressed_nbytes(payloads())
+        return compressed + count * INDEX_ROW_DISK_BYTES
 
     def _factor_payloads(self):
         """Every fitted factor but the dense tensors, in the order the store writes them."""
@@ -322,7 +335,8 @@ class _Fit:
             self.result.clusters.setdefault(c, {})[name] = SharedBasis(U=keep_columns(qU, a), V=keep_columns(qV, b))
             for t in group:
                 C = self._spill.get_tensor(("core", t, name))  # (ru_max, rv_max)
-                self.result.tasks[t][name].core = quantize(C[:a, :b].contiguous(), bits)
+                # on disk until the store writes it: T tasks' cores would otherwise grow memory with T
+                self.result.tasks[t][name].core = self._spill.park(quantize(C[:a, :b].contiguous(), bits))
         return spent
 
     def _range_widths(self, name):
@@ -430,7 +444,7 @@ class _Fit:
         c = self.result.labels[task]
         basis = self.result.clusters.get(c, {}).get(name) if c is not None else None
         core = self.result.tasks[task][name].core
-        return None if basis is None or core is None else (basis, core)
+        return None if basis is None or core is None else (basis, core.load())
 
     def _lowrank_candidates(self, q_cap, shared, rows=False):
         """One read of every (task, matrix): the per-task low-rank candidates for every rank.
