@@ -42,3 +42,17 @@ def test_a_sufficient_limit_lets_the_ingest_run(populated_copy, zoo):
     store = Store.open(populated_copy)
     store.ingest({"extra": zoo.tasks["c_new"]}, device="cpu", progress=False, max_memory=8 * 2**30)
     assert "extra" in Store.open(populated_copy).tasks
+
+
+@pytest.mark.parametrize("layout, measured", [("bert-base", 1.45e9), ("llama-slice", 5.37e9)])
+def test_plan_covers_the_peaks_the_scale_benchmark_measured(layout, measured):
+    """Peak RSS of `tvbase ingest` of 8 tasks in the scale benchmark (benchmarks/RESULTS.md,
+    "Scale"): a --max-memory at the plan must not let a real ingest run past it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks`
+    from benchmarks.scale import LAYOUTS
+
+    shapes = {name: shape for name, shape, _ in LAYOUTS[layout].tensors}
+    assert get_method("tvbase").make(FitParams()).planned_peak_bytes(shapes, 8) > measured

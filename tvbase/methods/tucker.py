@@ -43,11 +43,13 @@ from .params import FitParams
 from .result import FitResult, raw_bytes
 from .work import LocalWork
 
-# Memory plan (see ClusterTucker.planned_peak_bytes), measured on 2 tasks of a 110M-parameter
-# BERT-base layout (30522 x 768 embedding, 94 MB): 0.80 GiB peak RSS, 0.26 GiB of it the process
-# after its imports, so about 6 copies of the largest tensor; planned with a margin.
+# Memory plan (see ClusterTucker.planned_peak_bytes), measured as `tvbase ingest` subprocesses of
+# 8 tasks (benchmarks/RESULTS.md, "Scale"): BERT-base (30522 x 768 embedding, 94 MB in float32)
+# 1.35 GiB peak RSS, the llama slice (32000 x 4096 embedding and head, 524 MB) 5.00 GiB. The
+# process after its imports takes about 0.3 GiB; the rest is 9.5-11 copies of the largest tensor
+# (its read, the next one read ahead, the delta, the residual, an SVD's work); planned with a margin.
 PROCESS_BYTES = 400 * 2**20
-PEAK_TENSOR_COPIES = 8
+PEAK_TENSOR_COPIES = 12
 
 # A fit that leaves more than this share of its budget unused is repeated (so is one over it).
 _BUDGET_TOLERANCE = 0.01
@@ -90,7 +92,7 @@ class ClusterTucker:
 
         What one tensor's work holds at once, for the largest tensor: the fine-tune, the base and
         the delta as read, the residual, the rebuilt shared part, an SVD's factors and workspace
-        (about ``PEAK_TENSOR_COPIES`` float32 copies, measured on a 30522 x 768 embedding); plus
+        (about ``PEAK_TENSOR_COPIES`` float32 copies, measured on BERT-base and a 7B-LLM slice); plus
         what is kept across tensors: every cluster's quantized candidate bases at the largest
         shared rank, and per task its quantized dense tensors and its candidates' curves. Range
         sketches, cores and per-task factors wait on disk, not in memory.
