@@ -28,7 +28,7 @@ TINY = scale.LAYOUTS["tiny"]
 LAYOUT_FIGURES = (
     "read_pass_s", "read_pass_peak_rss_bytes", "init_s", "ingest_s", "ingest_peak_rss_bytes", "ingest_over_read_pass",
     "disk_storage", "get_s", "raw_load_s", "get_over_raw_load", "raw_save_s", "get_over_raw_save", "compose8_s", "compose8_over_get", "later_ingest_s",
-    "later_rel_error", "joint_rel_error", "later_error_ratio", "joint_ingest_s", "joint_ingest_peak_rss_bytes",
+    "later_rel_error", "later_equal_bytes_rel_error", "joint_rel_error", "later_error_ratio", "joint_ingest_s", "joint_ingest_peak_rss_bytes",
 )  # fmt: skip
 
 
@@ -167,6 +167,9 @@ def test_quick_run_records_every_figure(quick):
     for key in scale.RATIOS:
         assert _positive_or_timeout(r[key]), (key, r[key])
     assert r["compose_terms"] == 2 and r["later_task"] == "t02"
+    if r["later_equal_bytes_budget"] != 0.03:  # ingested again for the joint fit's bytes: closer to them
+        assert abs(r["later_equal_bytes_stored_bytes"] - r["joint_stored_bytes"]) < abs(r["later_stored_bytes"] - r["joint_stored_bytes"])
+    assert r["later_error_ratio"] == pytest.approx(r["later_equal_bytes_rel_error"] / r["joint_rel_error"])
     g = data["growth"]
     assert g["layout"] == "tiny" and (g["low"]["tasks"], g["high"]["tasks"]) == (2, 3)
     assert scale._is_number(g["peak_rss_growth"]) or g["peak_rss_growth"].get("timed_out")
