@@ -48,11 +48,7 @@ def test_a_sufficient_limit_lets_the_ingest_run(populated_copy, zoo):
 def test_plan_covers_the_peaks_the_scale_benchmark_measured(layout, measured):
     """Peak RSS of `tvbase ingest` of 8 tasks in the scale benchmark (benchmarks/RESULTS.md,
     "Scale"): a --max-memory at the plan must not let a real ingest run past it."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `benchmarks`
-    from benchmarks.scale import LAYOUTS
+    from benchmarks.scale import LAYOUTS  # the checkout's benchmarks/, on pytest's pythonpath
 
     shapes = {name: shape for name, shape, _ in LAYOUTS[layout].tensors}
     assert get_method("tvbase").make(FitParams()).planned_peak_bytes(shapes, 8) > measured
