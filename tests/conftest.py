@@ -32,7 +32,7 @@ INT_BUFFER = "position_ids"  # int64 (5,), identical in every fine-tune
 
 FAMILY = {"a0": 0, "a1": 0, "a2": 0, "b0": 1, "b1": 1, "a_sharded": 0, "c_new": 1}
 FIRST_INGEST = ["a0", "a1", "a2", "b0", "b1", "a_sharded"]  # shared fit (first ingest)
-LATER_INGEST = ["c_new"]  # stored as per-task SVD (second ingest)
+LATER_INGEST = ["c_new"]  # joins family b's cluster (second ingest: projected onto its bases)
 SHARDED = {"a_sharded": 1500}  # task -> max_shard_bytes: at least 3 files (2 shards + index)
 BF16_TASKS = {"h0": "a0", "h1": "a1", "h2": "b0"}  # bf16 task -> the fp32 task it rounds
 
@@ -50,7 +50,7 @@ class Zoo(SyntheticZoo):
     bf16_tasks: dict = field(default_factory=dict)  # task name -> path, every float tensor bf16
     bf16_task_vectors: dict = field(default_factory=dict)
     first: list = field(default_factory=lambda: list(FIRST_INGEST))  # tasks of the first (shared) ingest
-    later: list = field(default_factory=lambda: list(LATER_INGEST))  # tasks of the second (per-task SVD) ingest
+    later: list = field(default_factory=lambda: list(LATER_INGEST))  # tasks of the second ingest (projected onto the first fit's bases)
 
     def tensors(self, task):
         """Fresh copy of a fine-tune's tensors (fp32 zoo)."""
@@ -100,7 +100,7 @@ def fresh_store(tmp_path, zoo):
 
 @pytest.fixture(scope="session")
 def populated(tmp_path_factory, zoo):
-    """A store holding FIRST_INGEST (shared fit, 2 clusters) then LATER_INGEST (per-task SVD).
+    """A store holding FIRST_INGEST (shared fit, 2 clusters) then LATER_INGEST (projected).
 
     Returns a dict with ``path`` and the ``versions`` after ``init``, ``first`` and ``later``.
     Session-scoped: tests must only read it; use ``populated_copy`` to modify.

@@ -25,7 +25,7 @@ from tvbase.repository import WriterLock
 from tvbase.store import Store
 
 NAME_ARGS = ["a0", "a1", "a2", "b0", "b1"]  # ingested as NAME=PATH arguments (shared fit)
-LISTED = ["a_sharded", "c_new"]  # ingested from a list file (per-task SVD)
+LISTED = ["a_sharded", "c_new"]  # ingested from a list file (projected onto the first fit's bases)
 
 
 def _run(argv):
@@ -87,7 +87,7 @@ def cli_store(tmp_path_factory, zoo):
     result = json.loads(out)
     versions["later"] = result["version"]
     assert sorted(r["name"] for r in result["tasks"]) == sorted(LISTED)
-    assert {r["kind"] for r in result["tasks"]} == {"svd"}
+    assert {r["kind"] for r in result["tasks"]} == {"projected"}
     return {"path": store, "versions": versions, "root": root}
 
 
@@ -110,7 +110,7 @@ def test_ls_table_and_json(cli_store, capsys):
     rows = json.loads(_ok(capsys, ["ls", cli_store["path"], "--json"]))
     assert [r["name"] for r in rows] == ALL
     kinds = {r["name"]: r["kind"] for r in rows}
-    assert {kinds[t] for t in NAME_ARGS} == {"shared"} and {kinds[t] for t in LISTED} == {"svd"}
+    assert {kinds[t] for t in NAME_ARGS} == {"shared"} and {kinds[t] for t in LISTED} == {"projected"}
     assert all(isinstance(r["stored_bytes"], int) and r["stored_bytes"] > 0 for r in rows)
     assert all(0 < r["rel_error"] < 0.25 for r in rows)  # loose: default int4 factors
 

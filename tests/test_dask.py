@@ -95,6 +95,23 @@ def test_existing_cluster_ingest_gives_the_serial_store_and_the_cli_takes_its_ad
     assert_same_store(Store.open(store.path), serial, dask_zoo)
 
 
+def test_a_task_joining_the_stored_clusters_on_a_cluster_gives_the_serial_store(dask_zoo, cluster, tmp_path):
+    """A later ingest on the workers: the stored bases travel with the items, the cores come back."""
+    first, later = [t for t in TASKS if t != "t4"], "t4"
+    stores = {}
+    for where in ("serial", cluster.scheduler_address):
+        store = stores[where] = Store.create(tmp_path / str(len(stores)), dask_zoo.base, params=FitParams(budget=0.2))
+        with one_torch_thread():
+            store.ingest({t: dask_zoo.tasks[t] for t in first}, device="cpu", progress=False)
+            store.ingest({later: dask_zoo.tasks[later]}, device="cpu", progress=False,
+                         dask=None if where == "serial" else where)
+    got, want = ({r["name"]: r for r in s.ls()}[later] for s in (stores[cluster.scheduler_address], stores["serial"]))
+    assert got["kind"] == want["kind"] == "projected" and got["cluster"] == want["cluster"]
+    rebuilt = stores[cluster.scheduler_address].get(later, device="cpu")
+    assert relative_error(rebuilt, stores["serial"].get(later, device="cpu")) < 1e-5
+    assert relative_error(rebuilt, dask_zoo.task_vectors[later]) == pytest.approx(got["rel_error"], rel=1e-3)
+
+
 def _kill_a_worker_mid_ingest(client, marker, after=10):
     """Install a worker plugin that SIGKILLs the worker process it runs in when the worker starts
     executing its ``after + 1``-th item of the fit: the item is then surely running there. Once:

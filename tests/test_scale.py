@@ -170,6 +170,7 @@ def test_quick_run_records_every_figure(quick):
     if r["later_equal_bytes_budget"] != 0.03:  # ingested again for the joint fit's bytes: closer to them
         assert abs(r["later_equal_bytes_stored_bytes"] - r["joint_stored_bytes"]) < abs(r["later_stored_bytes"] - r["joint_stored_bytes"])
     assert r["later_error_ratio"] == pytest.approx(r["later_equal_bytes_rel_error"] / r["joint_rel_error"])
+    assert r["later_kind"] == "projected" and r["later_error_ratio"] <= 1.1  # the goal: within 10% of the joint fit
     g = data["growth"]
     assert g["layout"] == "tiny" and (g["low"]["tasks"], g["high"]["tasks"]) == (2, 3)
     assert scale._is_number(g["peak_rss_growth"]) or g["peak_rss_growth"].get("timed_out")

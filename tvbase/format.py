@@ -168,6 +168,8 @@ def write_fit(root, meta, result, shapes, params, sources, append, previous=None
     offset = int(payload.shape[0]) if append else 0
     index = read_array(index_array, "index") if append else np.zeros((0, len(INDEX_COLUMNS)), dtype=np.int64)
 
+    if result.clusters and result.stored_clusters:  # a label would name two clusters
+        raise ValueError("a fit either makes new clusters or joins stored ones, not both")
     cluster_ids = {}
     for c in sorted(result.clusters):
         cid = cluster_ids[c] = meta["next_cluster_id"]
@@ -179,9 +181,14 @@ def write_fit(root, meta, result, shapes, params, sources, append, previous=None
         meta["next_task_id"] += 1
         coefficients = next((tt.coef for tt in reversed(tensors.values()) if tt.coef is not None), None)
         label = result.labels[task]
+        if label in result.stored_clusters:  # joins a cluster already written
+            cluster = label
+            meta["clusters"][str(cluster)]["tasks"].append(task)
+        else:
+            cluster = cluster_ids.get(label) if label is not None else None
         meta["tasks"][task] = {
             "id": tid,
-            "cluster": cluster_ids.get(label) if label is not None else None,
+            "cluster": cluster,
             "kind": result.kind[task],
             "source": sources[task],
             "raw_bytes": raw_bytes(shapes),

@@ -62,7 +62,8 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
             params.bits = params.dense_bits = spec.default_bits
     params.validate()
     worker_device, device = device, resolve_device(device)  # workers resolve their own default
-    estimator = spec.make(params, n_components=n_components, device=device, progress=progress)
+    context = {"bases": _stored_bases(store._snapshot)} if spec.joins_stored else {}
+    estimator = spec.make(params, n_components=n_components, device=device, progress=progress, **context)
     if dask is not None and not getattr(estimator, "distributed", False):
         raise InvalidInputError(f"--dask runs the fit of the tvbase method; method {method!r} fits in this process only")
     check_memory(estimator, store.shapes, len(items), max_memory)
@@ -88,9 +89,10 @@ def ingest(store, items, params=None, base=None, device=None, progress=True, wai
         taken = sorted(set(items) & set(meta["tasks"]))
         if taken:
             raise AlreadyExistsError(f"another writer added {', '.join(map(repr, taken))} during this ingest; nothing was written")
-        if grows and (not _fitted_tasks(meta)) != first:  # the fit no longer applies: a lost race, re-run by --wait
+        gone = {str(c) for c in result.stored_clusters} - set(meta["clusters"])  # ids are never reused
+        if (grows and (not _fitted_tasks(meta)) != first) or gone:  # the fit no longer applies: a lost race, re-run by --wait
             raise CommitConflictError(
-                "another writer changed whether the store holds fitted tasks during this ingest, so its fit no longer "
+                "another writer changed the store's fitted tasks or clusters during this ingest, so its fit no longer "
                 "applies; nothing was written: run it again, or pass --wait SECONDS"
             )
         write_fit(root, meta, result, store.shapes, params, recorded, append=True)
@@ -137,6 +139,21 @@ def _store_new_rows(result, sources, shapes):
             error += float((dequantize(q).T - rows).double().square().sum())
             result.energy[task] += float(rows.double().square().sum())
         result.rel_error[task] = (error / result.energy[task]) ** 0.5
+
+
+def _stored_bases(snapshot):
+    """{cluster id: {tensor name: SharedBasis}} of the store's Tucker bases (clusters of the
+    store's own method), which new tasks may join."""
+    from .methods.tucker import ClusterTucker
+
+    bases = {}
+    for c, cluster in snapshot.meta["clusters"].items():
+        if cluster.get("method") != ClusterTucker.name:
+            continue
+        tensors = {name: b for name in snapshot.meta["tensors"] if (b := snapshot._shared(int(c), name)) is not None and b.U is not None}
+        if tensors:
+            bases[int(c)] = tensors
+    return bases
 
 
 def _fitted_tasks(meta):

@@ -196,7 +196,10 @@ class Store:
             then the workers' device (default: CUDA on a worker that has one).
 
         With "tvbase", the first ingest into an empty store fits cluster-shared bases over its
-        tasks; later ingests store each new task as a per-task truncated SVD until ``compact``.
+        tasks; later ingests project each new task onto the stored cluster whose bases capture
+        it best (a core plus a per-task low-rank residual, kind ``projected``; method
+        ``project``), or store it as a per-task truncated SVD where no basis is stored, until
+        ``compact`` refits everything.
         A seed method fits one basis over the tasks of this ingest, stored at fp32 unless
         ``params`` says otherwise, as in the paper.
 

@@ -38,6 +38,9 @@ class Method:
     growth : str or None
         The method that stores tasks added to a store that already holds tasks (None: this one).
         The first fit of such a method sets the store's default parameters.
+    joins_stored : bool
+        The estimator takes the store's Tucker bases (``bases=``, stored cluster id -> {tensor:
+        SharedBasis}) for its tasks to join.
     """
 
     name: str
@@ -48,12 +51,14 @@ class Method:
     options: dict = field(default_factory=dict)
     default_bits: int | None = None
     growth: str | None = None
+    joins_stored: bool = False
 
-    def make(self, params, n_components=None, device="cpu", progress=True):
-        """A new, unfitted estimator of this method."""
+    def make(self, params, n_components=None, device="cpu", progress=True, **context):
+        """A new, unfitted estimator of this method; ``context`` adds what the store gives it
+        (``bases`` for a method that ``joins_stored``)."""
         module, name = self.estimator.split(":")
         estimator = getattr(importlib.import_module(module, __package__), name)
-        return estimator(params, n_components=n_components, device=device, progress=progress, **self.options)
+        return estimator(params, n_components=n_components, device=device, progress=progress, **self.options, **context)
 
 
 _TVBASE_PARAMS = tuple(FitParams.__dataclass_fields__)
@@ -91,7 +96,16 @@ METHODS = {
             "(spectral clustering of tasks); README 'Store format'",
             _TVBASE_PARAMS,
             ".tucker:ClusterTucker",
-            growth="svd",
+            growth="project",
+        ),
+        Method(
+            "project",
+            "tasks join the stored cluster whose bases capture them best: a core on its bases plus a per-task "
+            "low-rank residual (how tvbase grows a fitted store); a per-task SVD where no basis is stored",
+            "tvbase (this project): Tucker-2 cores on fixed bases (Tucker 1966) and a truncated SVD of the residual",
+            (*_SVD_PARAMS, "residual_share"),
+            ".tucker:ProjectedTucker",
+            joins_stored=True,
         ),
         Method(
             "svd",

@@ -16,7 +16,10 @@ class FitResult:
     method : str
         Registry name of the method that fitted the shared bases (recorded per cluster).
     clusters : dict cluster index -> {tensor name: SharedBasis}
-    labels : dict task -> cluster index, or None for tasks stored on their own (per-task SVD)
+    labels : dict task -> cluster index, or None for tasks stored on their own (per-task SVD);
+        or the id of a cluster the store already holds (in ``stored_clusters``)
+    stored_clusters : set of cluster ids of the store that tasks join: their bases are written
+        already, and their tasks' cores are fitted to them (a task added to a fitted store)
     tasks : dict task -> {tensor name: TaskTensor}
     kind : dict task -> str, how the task is stored (``"shared"``, ``"svd"``, a seed method)
     rel_error : dict task -> ||tau_hat - tau|| / ||tau|| over the whole task vector
@@ -32,11 +35,12 @@ class FitResult:
     rel_error: dict = field(default_factory=dict)
     energy: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    stored_clusters: set = field(default_factory=set)
 
     def add(self, other):
         """Take in the tasks of ``other``, a fit of other tasks that stores each on its own
         (no clusters: LoRA adapters, tasks kept as stored)."""
-        if other.clusters or any(label is not None for label in other.labels.values()):
+        if other.clusters or other.stored_clusters or any(label is not None for label in other.labels.values()):
             raise ValueError("only a fit without clusters can be added to another")
         for part in ("tasks", "labels", "kind", "rel_error", "energy"):
             getattr(self, part).update(getattr(other, part))

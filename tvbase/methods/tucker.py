@@ -51,6 +51,13 @@ from .work import LocalWork
 PROCESS_BYTES = 400 * 2**20
 PEAK_TENSOR_COPIES = 12
 
+# A task joining a stored cluster may have a residual of up to this many times max_rank: a joint
+# fit gives each task up to max_rank directions in its cluster's bases (fitted to it too) and as
+# many in its residual, while a joining task's own directions have only the residual. At one
+# max_rank a later GPT-2 small task's error stayed 1.15x the joint fit's at equal bytes, at
+# two 1.08x (benchmarks/RESULTS.md, "A task added later").
+JOINED_RESIDUAL_CAP = 2
+
 # A fit that leaves more than this share of its budget unused is repeated (so is one over it).
 _BUDGET_TOLERANCE = 0.01
 
@@ -76,6 +83,7 @@ class ClusterTucker:
 
     name = "tvbase"
     shared = True
+    joins = False  # fits its tasks to a store's stored bases (ProjectedTucker)
     distributed = True  # fit() takes a work object: its items may run on a Dask cluster
 
     def __init__(self, params=None, *, n_components=None, device="cpu", progress=True):
@@ -105,7 +113,7 @@ class ClusterTucker:
             if mshape is None:
                 per_task += payload_nbytes(math.prod(int(s) for s in shape), 1, params.dense_bits)
                 continue
-            r = min(*mshape, params.max_rank)
+            r = min(*mshape, params.max_rank * (JOINED_RESIDUAL_CAP if self.joins else 1))
             per_task += 3 * 8 * (r + 1)  # cost, gain and error of every rank, float64
             if self.shared:
                 bases += payload_nbytes(mshape[0], r, params.bits) + payload_nbytes(mshape[1], r, params.bits)
@@ -129,7 +137,8 @@ class ClusterTucker:
         """
         params = self.params if self.params is not None else FitParams()
         work = work if work is not None else LocalWork(source.tensor)
-        self.result_ = _Fit(work, list(tasks), shapes, params, self.device, self.progress).run(self.shared)
+        fit = _Fit(work, list(tasks), shapes, params, self.device, self.progress, bases=getattr(self, "bases", None))
+        self.result_ = fit.run(self.shared)
         self.result_.method = self.name
         return self
 
@@ -141,11 +150,42 @@ class PerTaskSVD(ClusterTucker):
     name = "svd"
     shared = False
 
+
+class ProjectedTucker(ClusterTucker):
+    """Tasks added to a fitted store (how tvbase grows one until ``compact``): each task joins
+    the stored cluster whose bases capture most of its energy, with a core ``C_t = U^T tau_t V``
+    on those bases for every matrix where the core is worth its bytes, plus a per-task low-rank
+    residual; the budget pays for the cores and residuals only, the bases being stored already.
+    A per-task SVD pays again for what a group of tasks shares: on GPT-2 small such a later task
+    had 1.26x the error of the same task fitted with the others at equal bytes
+    (benchmarks/RESULTS.md, "Scale"). Without stored bases every task gets a per-task SVD.
+
+    Parameters
+    ----------
+    params, n_components, device, progress : as for :class:`ClusterTucker`.
+    bases : dict stored cluster id -> {tensor name: SharedBasis with U and V}, the store's
+        Tucker bases (quantized, as stored); tasks' labels in ``result_`` are these ids.
+    """
+
+    name = "project"
+    shared = False
+    joins = True
+
+    def __init__(self, params=None, *, n_components=None, device="cpu", progress=True, bases=None):
+        super().__init__(params, n_components=n_components, device=device, progress=progress)
+        self.bases = bases or {}
+
+    def planned_peak_bytes(self, shapes, n_tasks):
+        """:meth:`ClusterTucker.planned_peak_bytes` of a per-task fit, plus the stored bases, held
+        for the whole fit."""
+        held = sum(basis.nbytes for tensors in self.bases.values() for basis in tensors.values())
+        return super().planned_peak_bytes(shapes, n_tasks) + held
+
 class _Fit:
     """The driver of a fit: plans each pass's items, runs them through ``work`` and combines
     their results (sums, allocation); the per-item functions are the module's ``_*_item``."""
 
-    def __init__(self, work, tasks, shapes, params, device, progress):
+    def __init__(self, work, tasks, shapes, params, device, progress, bases=None):
         self.work, self.tasks, self.shapes, self.p = work, tasks, shapes, params
         self.device, self.progress = torch.device(device), progress
         # where the items run: this device, or what a Dask work says (None: each worker's default)
@@ -157,6 +197,9 @@ class _Fit:
         self.error = {}  # (task, name) -> ||tau - tau_hat||^2 of the stored factors
         self._shared_candidates = None  # what _shared_bases computed, reused by every allocation
         self._spill = _Spill()  # range sketches, cores and candidate factors between reads
+        self.bases = bases or {}  # stored cluster id -> {tensor: SharedBasis} new tasks may join
+        self._captured = {}  # (task, tensor) -> {stored cluster id: energy its bases capture}
+        self._joined = {}  # (task, tensor) -> the stored basis the task's core is fitted to
 
     # -- helpers -------------------------------------------------------------------------
     def _stage(self, k, name):
@@ -201,6 +244,8 @@ class _Fit:
         if self.p.rank is not None:
             if shared:
                 self._fit_shared(labels, None)
+            elif self.bases:
+                self._join(None)
             rank = min(self.p.residual_rank if shared else self.p.rank, self.p.max_rank)
             self._lowrank_candidates(rank, shared)
             self._set_lowrank(uniform_ranks(self._lowrank_curves, rank))
@@ -208,7 +253,10 @@ class _Fit:
             self._fit_to_budget(shared)
         self._record_errors()
         self._progress.close()
-        self.result.kind = {t: "svd" if labels[t] is None else "shared" for t in self.tasks}
+        joined = "projected" if self.bases else "shared"
+        self.result.kind = {t: "svd" if labels[t] is None else joined for t in self.tasks}
+        if self.bases:
+            self.result.stored_clusters = {c for c in labels.values() if c is not None}
         return self.result
 
     def _fit_to_budget(self, shared):
@@ -240,6 +288,8 @@ class _Fit:
         n_rows = 3 * len(self.matrices) * len(self.tasks)  # core, A, B per task and matrix, at most
         payload_budget = (allowed - n_rows * INDEX_ROW_DISK_BYTES) / self._probe_ratio
         spent = shared_disk = 0.0
+        if not shared and self.bases:  # cores on stored bases: fitted by the residual pass
+            spent = self._join(payload_budget * (1 - self.p.residual_share))
         if shared:
             shared_allowed = allowed * (1 - self.p.residual_share)
             shared_budget = payload_budget * (1 - self.p.residual_share)
@@ -250,6 +300,8 @@ class _Fit:
                     break
                 shared_budget *= shared_allowed * (1 - _BUDGET_TOLERANCE / 2) / max(shared_disk, 1)  # aim mid-band
         self._lowrank_candidates(self.p.max_rank, shared, rows=True)
+        if self._joined:
+            shared_disk = self._factors_on_disk()  # the cores: no per-task term is set yet
         residual_budget = payload_budget - spent
         for _ in range(3):
             self._set_lowrank(allocate_ranks(self._lowrank_curves, max(residual_budget, 0.0)))
@@ -277,11 +329,13 @@ class _Fit:
         bar = self._stage(1, "scan")
         items = (
             ((t, name), (i, j, self.matrices.get(name), self._range_widths(name) if shared and name in self.matrices else None,
-                         j == 0, cluster, self.p, self._item_device))
+                         j == 0, cluster, self.p, self._item_device, self._stored_bases(name)))
             for j, t in enumerate(self.tasks) for i, name in enumerate(self.shapes)
         )
         for (t, name), out in self.work.map(_scan_item, items):
             self.layer_energy[t, name] = out["energy"]
+            if "captured" in out:
+                self._captured[t, name] = out["captured"]
             if "dense" in out:
                 self.result.tasks[t][name].dense, self.error[t, name] = out["dense"], out["dense_error"]
             probes += out.get("probes", [])
@@ -295,7 +349,7 @@ class _Fit:
         self._probe_ratio = min(1.0, compressed_nbytes(probes) / raw) if raw else 1.0
         self.task_energy = {t: sum(self.layer_energy[t, n] for n in self.shapes) for t in self.tasks}
         if not shared:
-            return {t: None for t in self.tasks}
+            return {t: self._nearest_cluster(t) for t in self.tasks}
         if not cluster:
             return {t: 0 for t in self.tasks}
         # min 2: see TaskClusterer; measured on the 25-task zoos, 2-4 clusters beat 1 on the worst task
@@ -303,6 +357,44 @@ class _Fit:
         clusterer = TaskClusterer(n_clusters=self.p.n_clusters, seed=self.p.seed, min_clusters=min_clusters)
         clusterer.fit(np.stack([sketches[t].numpy() for t in self.tasks]))
         return {t: int(c) for t, c in zip(self.tasks, clusterer.labels_)}
+
+    def _stored_bases(self, name):
+        """{stored cluster id: basis} of matrix ``name`` that tasks may join, or None."""
+        bases = {c: tensors[name] for c, tensors in self.bases.items() if name in tensors and name in self.matrices}
+        return bases or None
+
+    def _nearest_cluster(self, task):
+        """The stored cluster whose bases capture most of the task's energy (the lowest id of
+        equals), or None without stored bases."""
+        totals = {}
+        for name in self.matrices:
+            for c, energy in self._captured.get((task, name), {}).items():
+                totals[c] = totals.get(c, 0.0) + energy
+        return max(sorted(totals), key=totals.get) if totals else None
+
+    def _join(self, budget):
+        """Choose the matrices whose core on the task's stored cluster is kept: all of them for
+        explicit ranks (``budget`` None), else those of most weighted captured energy per byte
+        that ``budget`` payload bytes pay for; each core is whole (the stored bases' ranks), as
+        a cluster's other tasks store theirs. A task left without a core is stored on its own.
+        Returns the payload bytes spent."""
+        keys, curves = [], []
+        for t in self.tasks:
+            c = self.result.labels[t]
+            for name in self.matrices:
+                basis = self.bases.get(c, {}).get(name)
+                captured = self._captured.get((t, name), {}).get(c, 0.0)
+                if basis is None or captured <= 0:
+                    continue
+                cost = payload_nbytes(basis.U.shape[1], basis.V.shape[1], self.p.bits)
+                keys.append((t, name, basis))
+                curves.append((np.array([0.0, cost]), np.array([0.0, captured * self._weight(t, name)])))
+        kept = [1] * len(curves) if budget is None else allocate_ranks(curves, budget)
+        self._joined = {(t, name): basis for (t, name, basis), k in zip(keys, kept) if k}
+        for t in self.tasks:
+            if not any((t, name) in self._joined for name in self.matrices):
+                self.result.labels[t] = None
+        return float(sum(cost[k] for (cost, _), k in zip(curves, kept)))
 
     def _dense_bytes(self):
         """Compressed bytes of every task's densely stored tensors (quantized by the scan)."""
@@ -435,7 +527,11 @@ class _Fit:
                 items.append((c, name, qU, qV, group, ru, rv, cost, gain))
 
     def _shared_term(self, task, name):
-        """The task's stored shared term of one matrix, ``(basis, core)``, or None."""
+        """The task's stored shared term of one matrix, ``(basis, core)``, or None; for a task
+        joining a stored cluster, ``(basis, None)``: the residual pass fits the core."""
+        if self.bases:
+            basis = self._joined.get((task, name))
+            return None if basis is None else (basis, None)
         c = self.result.labels[task]
         basis = self.result.clusters.get(c, {}).get(name) if c is not None else None
         core = self.result.tasks[task][name].core
@@ -458,18 +554,27 @@ class _Fit:
         """
         self._lowrank_keys = [(t, name) for t in self.tasks for name in self.matrices]
         self._candidates, self._lowrank_curves, self._lowrank_errors = [], [], []
-        bar = self._stage(self._stages, "residuals" if shared else "per-task SVD")
+        bar = self._stage(self._stages, "residuals" if shared or self._joined else "per-task SVD")
         items = (
-            ((t, name), (mshape, self._shared_term(t, name), min(*mshape, q_cap), rows, self.p, self._item_device))
+            ((t, name), (mshape, self._shared_term(t, name), min(*mshape, self._residual_cap(t, name, q_cap)), rows, self.p, self._item_device))
             for t, name in self._lowrank_keys for mshape in [self.matrices[name]]
         )
-        for (t, name), candidates in self.work.map(_residual_item, items):
+        for (t, name), (core, candidates) in self.work.map(_residual_item, items):
+            if core is not None:  # fitted to a stored cluster's bases: on disk until written
+                self.result.tasks[t][name].core = self._spill.park(core)
             for part, cost, gain, error, *factors in candidates:
                 self._candidates.append((t, name, part))
                 self._lowrank_curves.append((cost, gain * self._weight(t, name)))
                 self._lowrank_errors.append(np.maximum(error, 0.0))
                 self._spill.put((t, name, part), *factors)
             bar.update(math.prod(self.matrices[name]))
+
+    def _residual_cap(self, task, name, q_cap):
+        """Largest residual rank of (task, matrix): ``q_cap``, twice that for a task joining a
+        stored cluster. A joint fit gives each task up to ``max_rank`` directions in its
+        cluster's bases (fitted to it too) and as many in its residual; a joining task's own
+        directions have only the residual (see ``JOINED_RESIDUAL_CAP``)."""
+        return JOINED_RESIDUAL_CAP * q_cap if (task, name) in self._joined else q_cap
 
     def _set_lowrank(self, ranks):
         """Per-task factors at ``ranks`` (one per candidate: a rank, or a number of rows kept
@@ -504,11 +609,12 @@ def _as_matrix(x, mshape, device):
 
 
 # -- the per-item work of each pass (run by tvbase.methods.work, here or on a Dask worker) --------
-def _scan_item(x, i, j, mshape, widths, probe, sketch, p, device):
+def _scan_item(x, i, j, mshape, widths, probe, sketch, p, device, bases=None):
     """Pass 1 on tensor ``i`` of task ``j``: its energy; a dense tensor quantized with its error;
     for a matrix, on the first task, the payloads of a probe of how factors compress
-    (:func:`_probe`), and with ``widths`` the range sketches; with ``sketch``, the tensor's share
-    of the task's CountSketch (clusters)."""
+    (:func:`_probe`), with ``widths`` the range sketches, and with ``bases`` ({stored cluster id:
+    basis}) the energy each basis captures (:func:`_captured_energy`); with ``sketch``, the
+    tensor's share of the task's CountSketch (clusters)."""
     x = _as_matrix(x, mshape, device)
     device = x.device
     out = {"energy": float(x.square().sum())}
@@ -520,6 +626,8 @@ def _scan_item(x, i, j, mshape, widths, probe, sketch, p, device):
             out["probes"] = _probe(x, p)
         if widths is not None:
             out["Y"], out["Z"] = _range_sketches(x, i, j, widths, p.seed)
+        if bases is not None:
+            out["captured"] = {c: _captured_energy(x, basis) for c, basis in bases.items()}
     if sketch:
         out["sketch"] = TaskSketcher(dim=p.sketch_dim, seed=p.seed).sketch_tensor(i, x.cpu())
     return out
@@ -560,6 +668,21 @@ def _range_sketches(x, i, j, widths, seed):
     return (sketch(x, l_u) if l_u is not None else None), (sketch(x.T, l_v) if l_v is not None else None)
 
 
+def _core(x, basis):
+    """The core of matrix ``x`` (m, n) on a stored basis, ``U^T x V`` (r_u, r_v), with the
+    basis's factors as stored (quantized), as a joint fit computes its tasks' cores; and the
+    dequantized ``U``, ``V``."""
+    U, V = dequantize(basis.U, device=x.device), dequantize(basis.V, device=x.device)
+    return U.T @ (x @ V), U, V
+
+
+def _captured_energy(x, basis):
+    """``||x||^2 - ||x - U C V^T||^2`` for the core ``C = U^T x V`` on a stored basis:
+    ``2 ||C||^2 - <U^T U C V^T V, C>`` (the quantized bases are nearly, not exactly, orthonormal)."""
+    C, U, V = _core(x, basis)
+    return float(2 * C.double().square().sum() - ((U.T @ U) @ C @ (V.T @ V) * C).double().sum())
+
+
 def _project_item(x, mshape, ranges, device):
     """Pass 2 on one task's matrix: its projections onto a cluster's summed ranges ``(Q_U, Q_V)``
     (None for a side taken whole), ``K_t = Q_U^T X_t Q_V`` (l_u, l_v), and its shares of the
@@ -576,12 +699,16 @@ def _project_item(x, mshape, ranges, device):
 def _residual_item(x, mshape, shared, q_max, rows, p, device):
     """Pass 3 on one task's matrix: the low-rank candidates of its residual against its shared
     term ``shared`` (``(basis, core)``, or None: the whole task), see
-    :meth:`_Fit._lowrank_candidates`. Returns ``[(part, cost, gain, error, *factors)]``, the
-    gains not yet weighted."""
+    :meth:`_Fit._lowrank_candidates`; a core of None is fitted here, on the basis (a task
+    joining a stored cluster). Returns ``(core, [(part, cost, gain, error, *factors)])``, the
+    core fitted here (quantized) or None, the gains not yet weighted."""
     e = _as_matrix(x, mshape, device)
     device = e.device
+    fitted = None
     if shared is not None:
         basis, core = shared
+        if core is None:
+            core = fitted = quantize(_core(e, basis)[0].cpu(), p.bits)
         e = e - rebuild_tensor(mshape, [(1.0, basis, TaskTensor(core=core))], device=device)
     candidates = []
     ids = _outlying_rows(e) if rows else None
@@ -589,7 +716,7 @@ def _residual_item(x, mshape, shared, q_max, rows, p, device):
         candidates.append(_row_candidate(e, ids, p.bits, device))
         e[ids] = 0
     candidates.append(_svd_candidate(e, q_max, p, device))
-    return candidates
+    return fitted, candidates
 
 
 def _svd_candidate(e, q_max, p, device):
