@@ -978,7 +978,7 @@ def _info(runner, store, label):
     if data is None:
         s = s or {"failed": True, "command": f"info ({label})", "error": "no JSON"}
         return {"disk_storage": s, "disk_bytes": s}
-    return {k: data.get(k) for k in ("disk_storage", "disk_bytes", "raw_fp32_bytes", "factor_storage", "tasks", "clusters")}
+    return {k: data.get(k) for k in ("disk_storage", "disk_bytes", "raw_fp32_bytes", "factor_bytes", "factor_storage", "tasks", "clusters")}
 
 
 def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLike, progress: bool = True) -> dict:
@@ -1060,14 +1060,16 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
     later = task_name(n_tasks)
     r["later_task"] = later
     if ingested:
+        # a later task's bytes are what the store grows by (ls shares its cluster's bases out)
+        r["before_later_factor_bytes"] = _info(runner, store, f"{layout.name} before later ingest").get("factor_bytes")
         m = runner.tvbase("ingest", "-q", store, f"{later}={zoo.task(n_tasks).resolve()}", device=True)
         r["later_ingest_s"], r["later_ingest_peak_rss_bytes"] = _timed(m, f"later ingest of {later}")
         ls = runner.tvbase("ls", store, "--json")
-        err, nbytes, kind = _rel_error(_json_out(ls), later) if m.ok else (None, None, None)
+        err, _, kind = _rel_error(_json_out(ls), later) if m.ok else (None, None, None)
         r["later_rel_error"] = err if _is_number(err) else m.status(f"later ingest of {later}") or ls.status("ls") or {
             "failed": True, "command": "ls", "error": f"no rel_error for {later}"}
-        r["later_stored_bytes"], r["later_kind"] = nbytes, kind
         info_after = _info(runner, store, f"{layout.name} after later ingest")
+        r["later_stored_bytes"], r["later_kind"] = _growth(r["before_later_factor_bytes"], info_after), kind
         r["later_disk_storage"] = info_after.get("disk_storage")
     else:
         r["later_ingest_s"] = r["later_rel_error"] = skip
@@ -1095,11 +1097,19 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
     return r
 
 
+def _growth(before, info):
+    """Factor bytes the store grew by from ``before`` to ``info``'s, or None."""
+    after = info.get("factor_bytes")
+    return after - before if _is_number(before) and _is_number(after) else None
+
+
 def _later_at_equal_bytes(runner: Runner, store: Path, path: Path, later: str, r: dict) -> dict:
     """The later task's error when it gets the bytes the joint fit gave it (the goal compares at
     equal bytes; at equal budget the joint fit's allocation often gives the task more): ingested
-    again into the first store, with the budget scaled by joint / later stored bytes. Where the
-    two differ by under 5%, or a figure is missing, the later ingest's own figures stand."""
+    again into the first store, with the budget scaled by joint / later stored bytes (the later
+    task's: what the store grew by; the joint fit's: its own factors and its share of its
+    cluster's bases). Where the two differ by under 5%, or a figure is missing, the later
+    ingest's own figures stand."""
     out = {"later_equal_bytes_rel_error": r["later_rel_error"], "later_equal_bytes_stored_bytes": r.get("later_stored_bytes"),
            "later_equal_bytes_budget": FitParams().budget}
     later_bytes, joint_bytes = r.get("later_stored_bytes"), r.get("joint_stored_bytes")
@@ -1109,7 +1119,8 @@ def _later_at_equal_bytes(runner: Runner, store: Path, path: Path, later: str, r
     removed = runner.tvbase("rm", store, later)
     m = runner.tvbase("ingest", "-q", "--budget", f"{100 * budget:.4g}%", store, f"{later}={path.resolve()}", device=True)
     ls = runner.tvbase("ls", store, "--json") if removed.ok and m.ok else None
-    err, nbytes, _ = _rel_error(_json_out(ls), later) if ls is not None else (None, None, None)
+    err, _, _ = _rel_error(_json_out(ls), later) if ls is not None else (None, None, None)
+    nbytes = _growth(r.get("before_later_factor_bytes"), _info(runner, store, "after the equal-bytes ingest")) if ls is not None else None
     if not _is_number(err):
         failed = removed.status("rm of the later task") or m.status(f"later ingest of {later} at equal bytes")
         err = failed or (ls.status("ls") if ls is not None else None) or {"failed": True, "command": "ls", "error": f"no rel_error for {later}"}
@@ -1456,8 +1467,8 @@ def markdown(summary: dict, plot: str | None = None) -> str:
                           f"{(r.get('read_pass_bytes') or 0) / 1e9:.2f} GB of its {_fmt_s(r['read_pass_s'])} (the rest: interpreter, "
                           "torch and safetensors start-up)."]
         if _is_number(r.get("later_stored_bytes")) and _is_number(r.get("joint_stored_bytes")):
-            lines += ["", f"{r['layout']}: task {r['later_task']} takes {r['later_stored_bytes']:,} B when ingested later "
-                          f"({r.get('later_kind')}), {r['joint_stored_bytes']:,} B in the joint fit ({r.get('joint_kind')}; its share "
+            lines += ["", f"{r['layout']}: task {r['later_task']} grows the store by {r['later_stored_bytes']:,} B when ingested later "
+                          f"({r.get('later_kind')}), and takes {r['joint_stored_bytes']:,} B in the joint fit ({r.get('joint_kind')}; its share "
                           "of the shared factors included); both stores at the same budget."]
             if r.get("later_equal_bytes_stored_bytes") != r["later_stored_bytes"] and _is_number(r.get("later_equal_bytes_stored_bytes")):
                 lines[-1] += (f" Ingested later again at --budget {100 * r['later_equal_bytes_budget']:.3g}% for the joint fit's bytes: "
