@@ -84,6 +84,7 @@ class ClusterTucker:
     name = "tvbase"
     shared = True
     joins = False  # fits its tasks to a store's stored bases (ProjectedTucker)
+    bases = None  # those bases: stored cluster id -> {tensor name: SharedBasis}
     distributed = True  # fit() takes a work object: its items may run on a Dask cluster
 
     def __init__(self, params=None, *, n_components=None, device="cpu", progress=True):
@@ -137,7 +138,7 @@ class ClusterTucker:
         """
         params = self.params if self.params is not None else FitParams()
         work = work if work is not None else LocalWork(source.tensor)
-        fit = _Fit(work, list(tasks), shapes, params, self.device, self.progress, bases=getattr(self, "bases", None))
+        fit = _Fit(work, list(tasks), shapes, params, self.device, self.progress, bases=self.bases)
         self.result_ = fit.run(self.shared)
         self.result_.method = self.name
         return self
@@ -180,6 +181,7 @@ class ProjectedTucker(ClusterTucker):
         for the whole fit."""
         held = sum(basis.nbytes for tensors in self.bases.values() for basis in tensors.values())
         return super().planned_peak_bytes(shapes, n_tasks) + held
+
 
 class _Fit:
     """The driver of a fit: plans each pass's items, runs them through ``work`` and combines
