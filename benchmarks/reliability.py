@@ -100,15 +100,15 @@ def build_zoo(root, n_tasks=8, seed=0, wide=0):
     return build_synthetic_zoo(root, shapes, families, n_families=2, seed=seed, rank=RANK, delta_scale=DELTA, noise_scale=NOISE)
 
 
-def make_store(path, zoo, ingests=(), removes=()):
+def make_store(path, zoo, ingests=(), removes=(), methods=None):
     """Create a store (budget 50%, 2 clusters, int8 dense tensors) and apply ingests (lists of task
-    names) and removes."""
+    names, each with its method from ``methods``, default tvbase's) and removes."""
     from tvbase.methods import FitParams
     from tvbase.store import Store
 
     store = Store.create(path, zoo.base, params=FitParams(budget=0.5, dense_bits=8, n_clusters=CLUSTERS))
-    for names in ingests:
-        store.ingest({n: zoo.tasks[n] for n in names}, device=DEVICE, progress=False)
+    for names, method in zip(ingests, methods or ["tvbase"] * len(ingests)):
+        store.ingest({n: zoo.tasks[n] for n in names}, device=DEVICE, progress=False, method=method)
     for name in removes:
         store.rm([name])
     return store
@@ -998,7 +998,10 @@ def prepare_integrity(workdir, wide=700_000):
     """A store spanning several payload chunks, with history (a later ingest and an rm)."""
     workdir = Path(workdir)
     zoo = build_zoo(workdir / "zoo-wide", n_tasks=7, seed=1, wide=wide)
-    store = make_store(workdir / "tpl-integrity", zoo, ingests=[["t0", "t1", "t2", "t3", "t4"], ["t5"], ["t6"]], removes=["t2"])
+    # t6 on its own (per-task SVD): a later task otherwise joins a cluster, and every task would
+    # then read the first payload chunk, which holds the clusters' bases
+    store = make_store(workdir / "tpl-integrity", zoo, ingests=[["t0", "t1", "t2", "t3", "t4"], ["t5"], ["t6"]], removes=["t2"],
+                       methods=["tvbase", "tvbase", "svd"])
     return store.path, rebuild_all(store.path)
 
 
