@@ -100,8 +100,13 @@ def export_lora(store, coefficients, output, rank=DEFAULT_RANK, base=None, devic
                 continue
             left, right, s = svd_form(*pair)
             r = min(rank, int((s > s[:1] * 1e-6).sum()) if len(s) else 0)
-            energy += float(s.double().square().sum())
-            left_out += float(s[r:].double().square().sum())
+            if snapshot.has_sparse(name, coefficients):  # random entries no adapter holds: measured whole
+                delta = snapshot.rebuild(name, coefficients, device).double().reshape(left.shape[0], -1)
+                energy += float(delta.square().sum())
+                left_out += float((delta - left[:, :r] @ right[:, :r].T).square().sum())
+            else:
+                energy += float(s.double().square().sum())
+                left_out += float(s[r:].double().square().sum())
             if r == 0:
                 continue
             key = PEFT_PREFIX + layer

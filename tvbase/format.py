@@ -31,11 +31,12 @@ from .s3 import storage_error
 
 # 2: tasks may keep rows of a matrix whole (roles "rows", "row_ids"); version 1 stores read as before
 # 3: tasks may add rows after the base's (role "new_rows": fine-tunes that added tokens)
-FORMAT_VERSION = 3
+# 4: tasks may keep a sparse residual of a matrix (role "sparse", task metadata "sparse")
+FORMAT_VERSION = 4
 INDEX_COLUMNS = ("owner_kind", "owner_id", "tensor", "role", "rows", "cols", "bits", "offset", "nbytes")
 OWNER_SHARED, OWNER_TASK = 0, 1
 # role column value = position in this tuple; append only, never reorder (on-disk format)
-ROLES = ("U", "V", "core", "A", "B", "dense", "S", "mu", "rows", "row_ids", "new_rows")
+ROLES = ("U", "V", "core", "A", "B", "dense", "S", "mu", "rows", "row_ids", "new_rows", "sparse")
 INDEX_CHUNK = 16384  # rows
 VALID_BITS = (32, 16, 8, 4, 2)
 # what verify requires of every task record
@@ -197,6 +198,8 @@ def write_fit(root, meta, result, shapes, params, sources, append, previous=None
             "added": (previous or {}).get(task, {}).get("added", utc_now()),
             "params": params.to_dict(),
             **({"coefficients": list(coefficients)} if coefficients is not None else {}),
+            # the seed and threshold of the task's sparse residuals' positions (tvbase.codec.sparse)
+            **({"sparse": dict(result.sparse[task])} if task in result.sparse else {}),
         }
 
     rows, start = [], offset
@@ -278,6 +281,8 @@ def factor_shape_problems(shape, role, rows, cols):
         return [] if rows == numel else [f"seed basis S has {rows} rows, expected {numel}"]
     if mshape is None:
         return [f"factor {role} stored for a tensor that is stored densely"]
+    if role == "sparse" and (cols != 1 or rows > mshape[0] * mshape[1]):
+        return [f"sparse residual has shape {(rows, cols)}, expected (k, 1) with k at most {mshape[0] * mshape[1]}"]
     if role == "row_ids" and rows != 1:
         return [f"row_ids has shape {(rows, cols)}, expected (1, s)"]
     expected_rows = {"U": mshape[0], "A": mshape[0], "V": mshape[1], "B": mshape[1], "rows": mshape[1]}.get(role)

@@ -8,6 +8,7 @@ import torch
 
 from .codec import matrix_shape
 from .codec.quantize import dequantize
+from .codec.sparse import positions
 from .errors import IntegrityError
 
 
@@ -82,7 +83,23 @@ def _rebuild_base_rows(shape, terms, device):
             if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= m):
                 raise IntegrityError(f"stored row numbers fall outside the matrix's {m} rows; run `tvbase verify`")
             out.index_add_(0, ids, dequantize(tt.rows, device=device).T, alpha=alpha)
+    for alpha, _, tt in terms:
+        if tt.sparse is not None:
+            out.view(-1).index_add_(0, _sparse_positions(m * n, tt, device), dequantize(tt.sparse, device=device)[:, 0], alpha=alpha)
     return out.reshape(shape)
+
+
+def _sparse_positions(numel, tt, device="cpu"):
+    """The flat positions of a task's sparse residual in a matrix of ``numel`` entries."""
+    if tt.sparse_mask is None:
+        raise IntegrityError("a sparse residual is stored without the seed of its positions; run `tvbase verify`")
+    pos = positions(numel, *tt.sparse_mask)
+    if len(pos) != tt.sparse.shape[0]:
+        raise IntegrityError(
+            f"a sparse residual holds {tt.sparse.shape[0]} values, its seed and threshold pick {len(pos)} "
+            "entries; run `tvbase verify`"
+        )
+    return torch.from_numpy(pos).to(device)
 
 
 @torch.no_grad()
@@ -98,7 +115,8 @@ def factor_tensor(shape, terms, device="cpu"):
     (L, R) : torch.Tensor of shapes (m, k) and (n, k), float32, on ``device``; ``k`` is the sum
     of the terms' ranks (a shared term's ``r_v`` per cluster, each low-rank term's ``q``, one per
     row kept whole), not reduced. None for a tensor that is not a matrix, or whose terms include
-    a seed basis (``S``: dense, no factors).
+    a seed basis (``S``: dense, no factors). Sparse residuals (random entries, no factors) are
+    left out: the factors are those of the sum without them.
     """
     mshape = matrix_shape(shape)
     if mshape is None or any(tt.coef is not None for _, _, tt in terms):

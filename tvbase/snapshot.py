@@ -9,6 +9,7 @@ import numpy as np
 
 from .codec.factors import SharedBasis, TaskTensor
 from .codec.payload import PAYLOAD_CHUNK
+from .codec.sparse import tensor_seed
 from .errors import IntegrityError
 from .format import OWNER_SHARED, OWNER_TASK, ROLES, load, read_array
 
@@ -71,10 +72,17 @@ class Snapshot:
 
     def factors(self, name, coefficients, device):
         """The same sum for a matrix as factors ``(L (m, k), R (n, k))`` with ``L @ R.T`` equal to
-        it, or None where there are none (see :func:`tvbase.reconstruct.factor_tensor`)."""
+        it but for its sparse residuals, or None where there are none (see
+        :func:`tvbase.reconstruct.factor_tensor`)."""
         from .reconstruct import factor_tensor
 
         return factor_tensor(self.shapes[name], self._terms(name, coefficients), device=device)
+
+    def has_sparse(self, name, tasks):
+        """Whether any of ``tasks`` keeps a sparse residual of tensor ``name`` (which
+        :meth:`factors` leaves out)."""
+        tid = self.tensor_id[name]
+        return any("sparse" in self._rows.get((OWNER_TASK, self.meta["tasks"][t]["id"], tid), {}) for t in tasks)
 
     def added_rows(self, task):
         """{tensor name: rows} that ``task`` added after the base's (fine-tunes that added tokens)."""
@@ -139,4 +147,9 @@ class Snapshot:
     def _task_tensor(self, task, name):
         tm = self.meta["tasks"][task]
         rows = self._rows.get((OWNER_TASK, tm["id"], self.tensor_id[name]), {})
-        return TaskTensor(coef=tm.get("coefficients"), **{role: self._read_factor(row) for role, row in rows.items()})
+        mask = None
+        if "sparse" in rows:
+            if "sparse" not in tm:
+                raise IntegrityError(f"task {task!r} stores a sparse residual of {name!r} without its seed; run `tvbase verify`")
+            mask = (tensor_seed(tm["sparse"]["seed"], name), int(tm["sparse"]["threshold"]))
+        return TaskTensor(coef=tm.get("coefficients"), sparse_mask=mask, **{role: self._read_factor(row) for role, row in rows.items()})

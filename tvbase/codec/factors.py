@@ -16,6 +16,11 @@ embedding or head than the base: the rows the base has are stored as above, the 
 ones whole in ``new_rows`` (n, k), each as a column of the fine-tune's values (there is no
 base row to subtract), ``n`` being the size of one row (1 for a vector).
 
+A matrix may also add a *sparse residual*: ``sparse`` (k, 1) holds what the factors above
+leave of the task at k seeded random entries, divided by the fraction kept, and
+``sparse_mask`` the (seed, threshold) that those entries' positions follow from
+(:mod:`tvbase.codec.sparse`; kept in the task's metadata, not the payload).
+
 The seed-basis methods of Task Vector Bases (PCA, Gram autoencoder, cluster merge) store instead,
 for every tensor, a basis ``S`` (numel, M) and optionally a mean ``mu`` (numel, 1) shared by all
 their tasks, and per task one coefficient vector ``c_t`` (M,): ``tau ~= mu + S @ c_t``.
@@ -75,9 +80,11 @@ class TaskTensor:
     row_ids: QuantizedMatrix | None = None  # (1, s) float32: their row numbers
     dense: QuantizedMatrix | None = None  # (numel, 1)
     new_rows: QuantizedMatrix | None = None  # (n, k): rows the fine-tune added after the base's (tokens), as columns
+    sparse: QuantizedMatrix | None = None  # (k, 1): the residual at k random entries, rescaled
     coef: tuple | None = None  # (M,) seed-basis coefficients; kept in metadata, not the payload
+    sparse_mask: tuple | None = None  # (seed, threshold) of sparse's positions; kept in metadata
 
-    _ROLES = ("core", "A", "B", "rows", "row_ids", "dense", "new_rows")
+    _ROLES = ("core", "A", "B", "rows", "row_ids", "dense", "new_rows", "sparse")
 
     @property
     def nbytes(self):

@@ -22,6 +22,14 @@ class FitParams:
         With ``rank``: explicit per-task residual rank on top of the shared fit.
     residual_share : float
         With ``budget``: fraction of the factor budget spent on per-task residuals.
+    sparse_share : float
+        With ``budget``: fraction of the factor budget spent first on sparse residuals: what the
+        factors leave of each task's matrices (vocabulary matrices aside), kept at seeded random
+        entries and rescaled (:mod:`tvbase.codec.sparse`); ``residual_share`` divides the rest.
+        0 stores none. Its noise raises the relative error, not the tasks' accuracy
+        (benchmarks/RESULTS.md).
+    sparse_bits : int
+        Bits per kept entry of a sparse residual (one scale per matrix, chosen by squared error).
     bits : int
         Bits per stored factor entry (32, 16, 8, 4 or 2; integer codes with per-column scales).
     dense_bits : int
@@ -47,6 +55,8 @@ class FitParams:
     rank: int | None = None
     residual_rank: int = 0
     residual_share: float = 0.4
+    sparse_share: float = 0.0
+    sparse_bits: int = 2  # at equal bytes, twice the entries of int4: measured better (benchmarks/RESULTS.md)
     bits: int = 4  # int4 factors: twice the rank of int8 at equal bytes; measured better (benchmarks/RESULTS.md)
     dense_bits: int = 4  # biases and norms: int4 frees budget for rank; measured no worse (benchmarks/RESULTS.md)
     lora_bits: int = 8  # int4 costs a LoRA's factors 18-22% relative error, int8 ~1% (benchmarks/RESULTS.md)
@@ -69,7 +79,9 @@ class FitParams:
             raise InvalidInputError(f"rank must be a positive integer, got {self.rank!r}")
         if not (0 <= self.residual_share < 1):
             raise InvalidInputError(f"residual share must be in [0, 1), got {self.residual_share!r}")
-        for name in ("bits", "dense_bits", "lora_bits"):
+        if isinstance(self.sparse_share, bool) or not isinstance(self.sparse_share, (int, float)) or not 0 <= self.sparse_share < 1:
+            raise InvalidInputError(f"sparse share must be in [0, 1), got {self.sparse_share!r}")
+        for name in ("bits", "dense_bits", "lora_bits", "sparse_bits"):
             if getattr(self, name) not in (32, 16, 8, 4, 2):
                 raise InvalidInputError(f"{name} must be one of 32, 16, 8, 4, 2, got {getattr(self, name)!r}")
         if not isinstance(self.max_rank, int) or self.max_rank < 1:

@@ -25,6 +25,8 @@ class FitResult:
     rel_error : dict task -> ||tau_hat - tau|| / ||tau|| over the whole task vector
     energy : dict task -> ||tau||^2
     info : dict, method details worth keeping in the store's metadata
+    sparse : dict task -> {"seed": int, "threshold": int} of its sparse residuals' positions
+        (:mod:`tvbase.codec.sparse`), for tasks that keep one
     """
 
     method: str = ""
@@ -36,13 +38,14 @@ class FitResult:
     energy: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     stored_clusters: set = field(default_factory=set)
+    sparse: dict = field(default_factory=dict)
 
     def add(self, other):
         """Take in the tasks of ``other``, a fit of other tasks that stores each on its own
         (no clusters: LoRA adapters, tasks kept as stored)."""
         if other.clusters or other.stored_clusters or any(label is not None for label in other.labels.values()):
             raise ValueError("only a fit without clusters can be added to another")
-        for part in ("tasks", "labels", "kind", "rel_error", "energy"):
+        for part in ("tasks", "labels", "kind", "rel_error", "energy", "sparse"):
             getattr(self, part).update(getattr(other, part))
         return self
 

@@ -9,13 +9,16 @@ sketches, cores, candidate factors) waits in a temporary file. Reads of each mat
    cores ``C_t = U^T tau_t V``; ranks allocated by captured energy per stored byte
    (shared fit only)
 3. per-task low-rank candidates of the residual (or of the whole task), truncated by every
-   budget allocation; their exact errors come with them, so no pass measures errors
+   budget allocation; their exact errors come with them, so no pass measures errors. With a
+   ``sparse_share``, the same read samples the residual at the seeded random entries of a
+   sparse residual; what the allocated factors leave there is computed from the factors alone.
 """
 
 import contextlib
 import math
 import os
 import tempfile
+import zlib
 
 import numpy as np
 import torch
@@ -33,7 +36,8 @@ from ..codec import (
     payload_nbytes,
     store_disk_bytes,
 )
-from ..codec.quantize import QuantizedMatrix, dequantize, keep_columns, quantize
+from ..codec.quantize import QuantizedMatrix, dequantize, keep_columns, quantize, quantize_clipped
+from ..codec.sparse import keep_fraction, keep_threshold, positions, tensor_seed
 from ..devices import resolve_device
 from ..errors import InvalidInputError
 from ..reconstruct import rebuild_tensor
@@ -202,6 +206,8 @@ class _Fit:
         self.bases = bases or {}  # stored cluster id -> {tensor: SharedBasis} new tasks may join
         self._captured = {}  # (task, tensor) -> {stored cluster id: energy its bases capture}
         self._joined = {}  # (task, tensor) -> the stored basis the task's core is fitted to
+        self._sparse_threshold = 0  # of every sparse residual's positions (tvbase.codec.sparse); 0: none
+        self._task_seed = {t: _seed(self.p.seed, zlib.crc32(t.encode())) & 0xFFFFFFFF for t in tasks}
 
     # -- helpers -------------------------------------------------------------------------
     def _stage(self, k, name):
@@ -253,6 +259,7 @@ class _Fit:
             self._set_lowrank(uniform_ranks(self._lowrank_curves, rank))
         else:
             self._fit_to_budget(shared)
+            self._set_sparse()
         self._record_errors()
         self._progress.close()
         joined = "projected" if self.bases else "shared"
@@ -287,6 +294,7 @@ class _Fit:
                 "or lower --dense-bits"
             )
         allowed = self._budget_bytes() - fixed
+        allowed -= self._plan_sparse(allowed * self.p.sparse_share)
         n_rows = 3 * len(self.matrices) * len(self.tasks)  # core, A, B per task and matrix, at most
         payload_budget = (allowed - n_rows * INDEX_ROW_DISK_BYTES) / self._probe_ratio
         spent = shared_disk = 0.0
@@ -312,6 +320,54 @@ class _Fit:
                 break
             residual_allowed = allowed * (1 - _BUDGET_TOLERANCE / 2) - shared_disk
             residual_budget *= max(residual_allowed, 0.0) / max(on_disk - shared_disk, 1)  # aim mid-band
+
+    def _sparse_matrices(self):
+        """The matrices a sparse residual may cover: all but vocabulary matrices, whose task
+        vectors move a few rows far (kept whole) and the rest little."""
+        return [name for name, (m, n) in self.matrices.items() if not _is_vocabulary(m, n)]
+
+    def _plan_sparse(self, allowed):
+        """Set the keep probability of the sparse residuals (one for every task and matrix) that
+        ``allowed`` disk bytes pay for, at their size before compression; returns the bytes planned."""
+        names = self._sparse_matrices()
+        n_rows = len(names) * len(self.tasks)
+        entries = len(self.tasks) * sum(math.prod(self.matrices[name]) for name in names)
+        per_entry = self.p.sparse_bits / 8
+        spendable = allowed - n_rows * (INDEX_ROW_DISK_BYTES + 4)  # an index row and a scale per matrix
+        if not names or spendable <= 0:
+            return 0.0
+        self._sparse_threshold = keep_threshold(min(spendable / (entries * per_entry), 1.0))
+        if self._sparse_threshold == 0:
+            return 0.0
+        return n_rows * (INDEX_ROW_DISK_BYTES + 4) + entries * keep_fraction(self._sparse_threshold) * per_entry
+
+    def _sparse_mask(self, task, name):
+        """(seed, threshold) of the sparse residual of (task, matrix), or None."""
+        if not self._sparse_threshold or name not in self._sparse_matrices():
+            return None
+        return tensor_seed(self._task_seed[task], name), self._sparse_threshold
+
+    def _set_sparse(self):
+        """The sparse residuals: at each sampled entry, what the allocated factors leave of the
+        residual the last pass sampled, divided by the keep probability and quantized; their
+        exact squared errors replace the factors' (no read: the factors give their own values
+        at the sampled entries)."""
+        if not self._sparse_threshold:
+            return
+        keep = keep_fraction(self._sparse_threshold)
+        for t in self.tasks:
+            for name in self._sparse_matrices():
+                sampled = self._spill.get_tensor(("sparse", t, name))  # (k,) float32
+                m, n = self.matrices[name]
+                mask = self._sparse_mask(t, name)
+                tt = self.result.tasks[t][name]
+                left = sampled.double() - _lowrank_at(tt, positions(m * n, *mask), n)
+                q = quantize_clipped((left / keep).float()[:, None], self.p.sparse_bits)
+                stored = dequantize(q)[:, 0].double()
+                # ||E - S||^2 = ||E||^2 - 2 <E, S> + ||S||^2, S nonzero only at the sampled entries
+                self.error[t, name] += float(stored.square().sum() - 2 * (left * stored).sum())
+                tt.sparse, tt.sparse_mask = self._spill.park(q), mask
+            self.result.sparse[t] = {"seed": self._task_seed[t], "threshold": self._sparse_threshold}
 
     def _factors_on_disk(self):
         """Predicted disk bytes of the factors fitted so far: compressed payload and index rows."""
@@ -558,12 +614,15 @@ class _Fit:
         self._candidates, self._lowrank_curves, self._lowrank_errors = [], [], []
         bar = self._stage(self._stages, "residuals" if shared or self._joined else "per-task SVD")
         items = (
-            ((t, name), (mshape, self._shared_term(t, name), min(*mshape, self._residual_cap(t, name, q_cap)), rows, self.p, self._item_device))
+            ((t, name), (mshape, self._shared_term(t, name), min(*mshape, self._residual_cap(t, name, q_cap)), rows,
+                         self._sparse_mask(t, name), self.p, self._item_device))
             for t, name in self._lowrank_keys for mshape in [self.matrices[name]]
         )
-        for (t, name), (core, candidates) in self.work.map(_residual_item, items):
+        for (t, name), (core, candidates, sampled) in self.work.map(_residual_item, items):
             if core is not None:  # fitted to a stored cluster's bases: on disk until written
                 self.result.tasks[t][name].core = self._spill.park(core)
+            if sampled is not None:
+                self._spill.put_tensor(("sparse", t, name), sampled)
             for part, cost, gain, error, *factors in candidates:
                 self._candidates.append((t, name, part))
                 self._lowrank_curves.append((cost, gain * self._weight(t, name)))
@@ -698,12 +757,13 @@ def _project_item(x, mshape, ranges, device):
     return gram_u, gram_v, (left if Q_V is None else left @ Q_V)
 
 
-def _residual_item(x, mshape, shared, q_max, rows, p, device):
+def _residual_item(x, mshape, shared, q_max, rows, sparse, p, device):
     """Pass 3 on one task's matrix: the low-rank candidates of its residual against its shared
     term ``shared`` (``(basis, core)``, or None: the whole task), see
     :meth:`_Fit._lowrank_candidates`; a core of None is fitted here, on the basis (a task
-    joining a stored cluster). Returns ``(core, [(part, cost, gain, error, *factors)])``, the
-    core fitted here (quantized) or None, the gains not yet weighted."""
+    joining a stored cluster). Returns ``(core, [(part, cost, gain, error, *factors)], sampled)``:
+    the core fitted here (quantized) or None, the gains not yet weighted, and the residual at the
+    entries of the sparse residual's mask ``sparse`` ((seed, threshold) or None), (k,) float32."""
     e = _as_matrix(x, mshape, device)
     device = e.device
     fitted = None
@@ -712,13 +772,31 @@ def _residual_item(x, mshape, shared, q_max, rows, p, device):
         if core is None:
             core = fitted = quantize(_core(e, basis)[0].cpu(), p.bits)
         e = e - rebuild_tensor(mshape, [(1.0, basis, TaskTensor(core=core))], device=device)
+    sampled = None
+    if sparse is not None:
+        sampled = e.reshape(-1)[torch.from_numpy(positions(e.numel(), *sparse)).to(device)].cpu()
     candidates = []
     ids = _outlying_rows(e) if rows else None
     if ids is not None:
         candidates.append(_row_candidate(e, ids, p.bits, device))
         e[ids] = 0
     candidates.append(_svd_candidate(e, q_max, p, device))
-    return fitted, candidates
+    return fitted, candidates, sampled
+
+
+def _lowrank_at(tt, pos, n, block=1 << 16):
+    """The per-task low-rank term ``A @ B.T`` of ``tt`` at flat positions ``pos`` of an (m, n)
+    matrix, (k,) float64, a block of positions at a time (a (k, q) gather of A at once would
+    take k x q floats)."""
+    out = torch.zeros(len(pos), dtype=torch.float64)
+    if tt.A is None:
+        return out
+    A, B = dequantize(tt.A.load()).double(), dequantize(tt.B.load()).double()  # (m, q), (n, q)
+    pos = torch.from_numpy(pos)
+    for start in range(0, len(pos), block):
+        p = pos[start : start + block]
+        out[start : start + len(p)] = (A[p // n] * B[p % n]).sum(1)
+    return out
 
 
 def _svd_candidate(e, q_max, p, device):
@@ -831,6 +909,12 @@ _VOCABULARY_ROWS = 4096
 _OUTLYING_ROW_ENERGY = 8.0
 
 
+def _is_vocabulary(m, n):
+    """Whether an (m, n) matrix has the shape of an embedding or head: many rows, each short
+    (and few enough rows for their numbers to be exact in float32)."""
+    return _VOCABULARY_ROWS <= m <= 2**24 and m >= 4 * n
+
+
 def _outlying_rows(e):
     """Row numbers (largest energy first) of a vocabulary matrix's residual ``e`` (m, n) that
     are worth keeping whole, or None. A row kept whole costs n entries; a rank of the low-rank
@@ -839,7 +923,7 @@ def _outlying_rows(e):
     embedding's energy and half of its error at 3%). At most a quarter of the rows; row numbers
     must be exact in float32."""
     m, n = e.shape
-    if m < _VOCABULARY_ROWS or m < 4 * n or m > 2**24:
+    if not _is_vocabulary(m, n):
         return None
     energy = e.square().sum(1)  # (m,)
     ids = torch.nonzero(energy > _OUTLYING_ROW_ENERGY * energy.mean()).flatten()

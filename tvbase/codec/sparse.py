@@ -1,0 +1,63 @@
+"""Seeded random positions of a sparse residual: where a task keeps entries of what its factors miss.
+
+A task may store, for a matrix, the residual its factors leave at a random fraction ``keep``
+of the entries, divided by ``keep`` (random drop with rescaling, as DARE does to whole task
+vectors): its expectation is the residual itself, and its error is spread over the matrix
+instead of lying in the directions the factors left out. The positions are not stored. They
+follow from two integers kept in the task's metadata, through a hash fixed here:
+
+- element ``i`` of the row-major flattened (m, n) matrix is kept when
+  ``fmix32(i XOR seed) >> 8 < threshold``, where ``fmix32`` is the 32-bit finalizer of
+  MurmurHash3 in uint32 arithmetic, ``seed`` is :func:`tensor_seed` of the task's seed and the
+  tensor's name, and ``threshold`` is ``keep * 2**24`` rounded (:func:`keep_threshold`);
+- the kept values are stored in that (ascending) order, as a (k, 1) matrix of codes.
+
+Positions of a smaller threshold are a subset of those of a larger one (same hash), and every
+matrix holds fewer than 2**32 entries. Pure numpy, so every machine computes the same positions.
+"""
+
+import zlib
+
+import numpy as np
+
+THRESHOLD_BITS = 24  # keep probabilities are multiples of 2**-24
+_BLOCK = 1 << 20  # entries hashed at a time: the temporaries stay in cache
+
+
+def keep_threshold(keep):
+    """The integer threshold of a keep probability in [0, 1]."""
+    return int(min(max(round(float(keep) * 2**THRESHOLD_BITS), 0), 2**THRESHOLD_BITS))
+
+
+def keep_fraction(threshold):
+    """The keep probability of an integer threshold (the rescaling factor's inverse)."""
+    return threshold / 2**THRESHOLD_BITS
+
+
+def tensor_seed(task_seed, name):
+    """The 32-bit seed of one tensor's positions, from the task's seed and the tensor's name."""
+    mixed = np.array([(int(task_seed) * 0x9E3779B1 + zlib.crc32(name.encode())) & 0xFFFFFFFF], dtype=np.uint32)
+    return int(_fmix32(mixed)[0])
+
+
+def _fmix32(h):
+    """MurmurHash3's finalizer on a uint32 array, in place (numpy's uint32 arithmetic wraps)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def positions(numel, seed, threshold):
+    """Ascending flat positions (int64) of the entries kept among ``numel`` (see module docstring)."""
+    if not 0 <= numel < 2**32:
+        raise ValueError(f"a sparse residual covers fewer than 2**32 entries, got {numel}")
+    limit = np.uint32(threshold)
+    parts = []
+    for start in range(0, numel, _BLOCK):
+        h = np.arange(start, min(start + _BLOCK, numel), dtype=np.uint32)
+        h ^= np.uint32(seed)
+        parts.append(np.flatnonzero((_fmix32(h) >> np.uint32(32 - THRESHOLD_BITS)) < limit) + start)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
