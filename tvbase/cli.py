@@ -203,7 +203,11 @@ def cmd_ls(args):
     from .store import Store
 
     rows = Store.open(args.store, at=args.at).ls()
-    _print(args, rows, format_table(rows, LS_COLUMNS) if rows else "(no tasks)")
+    text = format_table(rows, LS_COLUMNS) if rows else "(no tasks)"
+    if any(r["sparse"] for r in rows):
+        text += ("\nrel. error counts the noise of sparse residuals (random entries, rescaled): it may exceed 1 "
+                 "while the task keeps its accuracy; see --sparse-share")
+    _print(args, rows, text)
 
 
 def cmd_info(args):
@@ -371,7 +375,7 @@ def _add_fit_options(p, store_defaults=False):
     g.add_argument("--residual-rank", type=int, help="with --rank: per-task residual rank on top of the shared fit")
     g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.4)")
     g.add_argument("--sparse-share", type=float, help="with --budget: share of the budget for sparse residuals, what the "
-                   "factors miss kept at seeded random entries (default 0)")
+                   "factors miss kept at seeded random entries (default 0.5)")
     g.add_argument("--bits", help="factor precision: int4 (default), int8, int2, fp16, fp32")
     g.add_argument("--dense-bits", help="precision of biases and norms: int4 (default), int8, fp16, fp32")
     g.add_argument("--lora-bits", help="precision of LoRA adapters' factors, stored as they are: int8 (default), fp16, fp32, int4")

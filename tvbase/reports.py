@@ -6,7 +6,8 @@ from .format import OWNER_SHARED, OWNER_TASK, index_row_problems, read_array, ta
 
 
 def ls(snapshot):
-    """One dict per task: name, cluster, kind, stored bytes, raw bytes, relative error."""
+    """One dict per task: name, cluster, kind, stored bytes, raw bytes, relative error, whether
+    it keeps sparse residuals."""
     meta = snapshot.meta
     shared_bytes = {int(c): snapshot.owned_bytes(OWNER_SHARED, int(c)) for c in meta["clusters"]}
     members = {}
@@ -26,6 +27,7 @@ def ls(snapshot):
                 "raw_bytes": tm["raw_bytes"],
                 "storage": (own + shared) / tm["raw_bytes"],
                 "rel_error": tm["rel_error"],
+                "sparse": "sparse" in tm,  # its error counts a sparse residual's noise
                 "added": tm["added"],
             }
         )

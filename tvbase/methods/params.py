@@ -55,7 +55,7 @@ class FitParams:
     rank: int | None = None
     residual_rank: int = 0
     residual_share: float = 0.4
-    sparse_share: float = 0.0
+    sparse_share: float = 0.5
     sparse_bits: int = 2  # at equal bytes, twice the entries of int4: measured better (benchmarks/RESULTS.md)
     bits: int = 4  # int4 factors: twice the rank of int8 at equal bytes; measured better (benchmarks/RESULTS.md)
     dense_bits: int = 4  # biases and norms: int4 frees budget for rank; measured no worse (benchmarks/RESULTS.md)
