@@ -375,7 +375,7 @@ def _add_fit_options(p, store_defaults=False):
     g.add_argument("--residual-rank", type=int, help="with --rank: per-task residual rank on top of the shared fit")
     g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.4)")
     g.add_argument("--sparse-share", type=float, help="with --budget: share of the budget for sparse residuals, what the "
-                   "factors miss kept at seeded random entries (default 0.5)")
+                   "factors miss kept at seeded random entries (default 0.7)")
     g.add_argument("--bits", help="factor precision: int4 (default), int8, int2, fp16, fp32")
     g.add_argument("--dense-bits", help="precision of biases and norms: int4 (default), int8, fp16, fp32")
     g.add_argument("--lora-bits", help="precision of LoRA adapters' factors, stored as they are: int8 (default), fp16, fp32, int4")

@@ -332,8 +332,9 @@ class _Fit:
     def _sparse_matrices(self):
         """The matrices a sparse residual may cover: those with both sides at least
         ``SPARSE_MIN_SIDE``, vocabulary matrices aside (their task vectors move a few rows far,
-        kept whole, and the rest little)."""
-        return [name for name, (m, n) in self.matrices.items() if min(m, n) >= SPARSE_MIN_SIDE and not _is_vocabulary(m, n)]
+        kept whole, and the rest little), and matrices of 2**32 entries or more (past the hash)."""
+        return [name for name, (m, n) in self.matrices.items()
+                if min(m, n) >= SPARSE_MIN_SIDE and not _is_vocabulary(m, n) and m * n < 2**32]
 
     def _plan_sparse(self, allowed):
         """Set the keep probability of the sparse residuals (one for every task and matrix) that
