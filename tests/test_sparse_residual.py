@@ -145,6 +145,21 @@ def test_a_later_task_gets_a_sparse_residual_too(tmp_path, sparse_store, sparse_
     assert relative_error(store.get("late"), sparse_zoo.task_vectors["late"]) == pytest.approx(record["rel_error"], rel=1e-4)
 
 
+def test_a_threshold_that_picks_other_entries_is_found_by_verify_and_refused_by_get(tmp_path, sparse_store):
+    import shutil
+
+    shutil.copytree(sparse_store.path, tmp_path / "copy")
+    store = Store.open(tmp_path / "copy")
+    assert store.verify()["ok"]
+    with store._write("tamper with a threshold", {}) as (_, meta):  # a consistent digest, wrong positions
+        meta["tasks"]["t1"]["sparse"]["threshold"] *= 2
+    report = store.verify()
+    assert not report["ok"] and any("task 't1'" in p and "pick" in p for p in report["problems"])
+    with pytest.raises(IntegrityError, match="pick"):
+        store.get("t1")
+    assert torch.isfinite(store.get("t0")["w1.weight"]).all()  # the other tasks still read
+
+
 def test_explicit_ranks_and_a_zero_share_store_no_sparse_residual(tmp_path, sparse_zoo):
     tasks = {t: sparse_zoo.tasks[t] for t in ("t0", "t1", "t2")}
     for i, params in enumerate((FitParams(budget=None, rank=2, sparse_share=0.5), FitParams(budget=0.25, sparse_share=0.0))):

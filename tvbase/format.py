@@ -26,6 +26,7 @@ from ._version import __version__
 from .codec.bits import payload_nbytes
 from .codec.factors import matrix_shape
 from .codec.payload import PAYLOAD_CHUNK, packing_order, raw_bytes, zarr_compressors
+from .codec.sparse import positions, tensor_seed
 from .errors import FormatVersionError, IntegrityError, TvbaseError
 from .s3 import storage_error
 
@@ -289,6 +290,17 @@ def factor_shape_problems(shape, role, rows, cols):
     if expected_rows is not None and rows != expected_rows:
         return [f"factor {role} has {rows} rows, expected {expected_rows}"]
     return []
+
+
+def sparse_mask_problems(record, name, shape, count):
+    """What is wrong with a task's sparse residual of ``count`` values for tensor ``name``: its
+    record must hold the seed and threshold of the positions, and they must pick ``count``."""
+    sparse = record.get("sparse")
+    if not isinstance(sparse, dict) or not all(isinstance(sparse.get(f), int) for f in ("seed", "threshold")):
+        return ["a sparse residual is stored, but the task's record lacks the seed and threshold of its positions"]
+    m, n = matrix_shape(shape)
+    picked = len(positions(m * n, tensor_seed(sparse["seed"], name), sparse["threshold"]))
+    return [] if picked == count else [f"sparse residual holds {count} values, its seed and threshold pick {picked} entries"]
 
 
 def task_record_problems(meta):

@@ -2,7 +2,7 @@
 
 from .codec.payload import PAYLOAD_CHUNK
 from .errors import IntegrityError
-from .format import OWNER_SHARED, OWNER_TASK, index_row_problems, read_array, task_record_problems
+from .format import ROLES, OWNER_SHARED, OWNER_TASK, index_row_problems, read_array, sparse_mask_problems, task_record_problems
 
 
 def ls(snapshot):
@@ -78,6 +78,7 @@ def verify(snapshot):
     meta, index = snapshot.meta, snapshot.index
     names, shapes, length = meta["tensors"], snapshot.shapes, snapshot.payload_length
     owners = {(OWNER_TASK, tm["id"]): f"task {t!r}" for t, tm in meta["tasks"].items()}
+    records = {(OWNER_TASK, tm["id"]): tm for tm in meta["tasks"].values()}
     owners.update({(OWNER_SHARED, int(c)): f"cluster {c} (tasks {', '.join(m['tasks'])})" for c, m in meta["clusters"].items()})
 
     def owner_of(row):
@@ -89,7 +90,11 @@ def verify(snapshot):
         where = f"{owner_of(row)}, tensor {names[tensor] if 0 <= tensor < len(names) else tensor}"
         if (int(row[0]), int(row[1])) not in owners:
             problems.append(f"index row for {where} belongs to no task or cluster in the metadata")
-        problems += index_row_problems(row, where, names, shapes, length)
+        row_problems = index_row_problems(row, where, names, shapes, length)
+        problems += row_problems
+        record = records.get((int(row[0]), int(row[1])))
+        if not row_problems and record is not None and ROLES[int(row[3])] == "sparse":
+            problems += [f"{where}: {p}" for p in sparse_mask_problems(record, names[tensor], shapes[names[tensor]], int(row[4]))]
     problems += task_record_problems(meta)
     # every payload chunk: zarr checks the crc32c when it decodes a chunk
     chunks = (length + PAYLOAD_CHUNK - 1) // PAYLOAD_CHUNK
