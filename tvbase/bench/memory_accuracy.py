@@ -223,7 +223,7 @@ QUICK = Config(  # one variant per method family, few coefficients: CPU seconds,
 # under its floor at alpha = 0.1 (0.76 of a 0.78 floor, validation), and keeps it at 0.075.
 FULL_TEXT = dataclasses.replace(
     FULL,
-    budgets=(0.0025, 0.005, 0.01, 0.02, 0.03),
+    budgets=(0.0025, 0.004, 0.005, 0.01, 0.02, 0.03),  # the 0.25-2% and the default
     grid=(0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0),
     pca_components=(2, 6),
     cluster_counts=("auto", 6),
