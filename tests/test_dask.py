@@ -174,3 +174,18 @@ def test_dask_with_a_method_that_fits_in_process_only_is_refused(dask_zoo, tmp_p
     store = Store.create(tmp_path / "store", dask_zoo.base, params=FitParams(budget=0.2))
     with pytest.raises(InvalidInputError, match="fits in this process only"):
         store.ingest(dask_zoo.tasks, device="cpu", progress=False, method="pca", dask="local:1")
+
+
+def test_sparse_residuals_on_a_cluster_give_the_serial_store(dask_zoo, cluster, tmp_path, monkeypatch):
+    """The workers sample the residual at the mask the driver hands them; the driver sets the values."""
+    from tvbase.methods import tucker
+
+    monkeypatch.setattr(tucker, "SPARSE_MIN_SIDE", 48)  # decided in the driver: this zoo's matrices are narrow
+    params = FitParams(budget=0.2, sparse_share=0.5)
+    serial = Store.create(tmp_path / "serial", dask_zoo.base, params=params)
+    store = Store.create(tmp_path / "store", dask_zoo.base, params=params)
+    with one_torch_thread():
+        serial.ingest(dask_zoo.tasks, device="cpu", progress=False)
+        store.ingest(dask_zoo.tasks, device="cpu", progress=False, dask=cluster.scheduler_address)
+    assert all("sparse" in store.meta["tasks"][t] for t in TASKS)
+    assert_same_store(store, serial, dask_zoo)
