@@ -643,7 +643,8 @@ def _notes(results: dict) -> str:
         "nearest (no GPTQ), fp16 group scales, 1-D tensors bf16. TVQ: asymmetric min-max per tensor at 2-4 bits; "
         "RTVQ: the tasks' mean at 2-4 bits once plus 2-bit offsets against it.",
         "- tvbase: default FitParams (int4 factors with per-column scales, int4 dense tensors, residual share 0.4, "
-        "clusters by eigengap) at each budget. The budget counts the store on disk (zstd-compressed payload, offset "
+        "clusters by eigengap; sparse share 0.7: what the factors leave of each matrix with both sides at least 384 "
+        "kept at seeded random entries, rescaled, 2 bits, so none on the digits zoos) at each budget. The budget counts the store on disk (zstd-compressed payload, offset "
         "table, metadata), so storage % stays at or under it; payload % is the factor bytes before compression.",
     ]
     for arch, r in results["archs"].items():
