@@ -158,6 +158,11 @@ def test_a_threshold_that_picks_other_entries_is_found_by_verify_and_refused_by_
     with pytest.raises(IntegrityError, match="pick"):
         store.get("t1")
     assert torch.isfinite(store.get("t0")["w1.weight"]).all()  # the other tasks still read
+    with store._write("tamper with a seed", {}) as (_, meta):
+        meta["tasks"]["t2"]["sparse"]["seed"] = -1
+    assert any("task 't2'" in p and "out of range" in p for p in store.verify()["problems"])
+    with pytest.raises(IntegrityError, match="out of range"):
+        store.get("t2")
 
 
 def test_explicit_ranks_and_a_zero_share_store_no_sparse_residual(tmp_path, sparse_zoo):

@@ -26,7 +26,7 @@ from ._version import __version__
 from .codec.bits import payload_nbytes
 from .codec.factors import matrix_shape
 from .codec.payload import PAYLOAD_CHUNK, packing_order, raw_bytes, zarr_compressors
-from .codec.sparse import positions, tensor_seed
+from .codec.sparse import positions, record_problem, tensor_seed
 from .errors import FormatVersionError, IntegrityError, TvbaseError
 from .s3 import storage_error
 
@@ -296,8 +296,9 @@ def sparse_mask_problems(record, name, shape, count):
     """What is wrong with a task's sparse residual of ``count`` values for tensor ``name``: its
     record must hold the seed and threshold of the positions, and they must pick ``count``."""
     sparse = record.get("sparse")
-    if not isinstance(sparse, dict) or not all(isinstance(sparse.get(f), int) for f in ("seed", "threshold")):
-        return ["a sparse residual is stored, but the task's record lacks the seed and threshold of its positions"]
+    problem = record_problem(sparse)
+    if problem:
+        return [problem]
     m, n = matrix_shape(shape)
     picked = len(positions(m * n, tensor_seed(sparse["seed"], name), sparse["threshold"]))
     return [] if picked == count else [f"sparse residual holds {count} values, its seed and threshold pick {picked} entries"]

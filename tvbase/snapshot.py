@@ -9,7 +9,7 @@ import numpy as np
 
 from .codec.factors import SharedBasis, TaskTensor
 from .codec.payload import PAYLOAD_CHUNK
-from .codec.sparse import tensor_seed
+from .codec.sparse import record_problem, tensor_seed
 from .errors import IntegrityError
 from .format import OWNER_SHARED, OWNER_TASK, ROLES, load, read_array
 
@@ -149,7 +149,8 @@ class Snapshot:
         rows = self._rows.get((OWNER_TASK, tm["id"], self.tensor_id[name]), {})
         mask = None
         if "sparse" in rows:
-            if "sparse" not in tm:
-                raise IntegrityError(f"task {task!r} stores a sparse residual of {name!r} without its seed; run `tvbase verify`")
-            mask = (tensor_seed(tm["sparse"]["seed"], name), int(tm["sparse"]["threshold"]))
+            problem = record_problem(tm.get("sparse"))
+            if problem:
+                raise IntegrityError(f"task {task!r}, tensor {name!r}: {problem}; run `tvbase verify`")
+            mask = (tensor_seed(tm["sparse"]["seed"], name), tm["sparse"]["threshold"])
         return TaskTensor(coef=tm.get("coefficients"), sparse_mask=mask, **{role: self._read_factor(row) for role, row in rows.items()})

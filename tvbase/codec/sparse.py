@@ -40,6 +40,18 @@ def tensor_seed(task_seed, name):
     return int(_fmix32(mixed)[0])
 
 
+def record_problem(record):
+    """What is wrong with a task record's ``{"seed", "threshold"}`` of its positions, or None."""
+    if not isinstance(record, dict):
+        return "the task's record lacks the seed and threshold of its sparse residuals' positions"
+    seed, threshold = record.get("seed"), record.get("threshold")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (seed, threshold)):
+        return "the task's record lacks the seed and threshold of its sparse residuals' positions"
+    if not (0 <= seed < 2**32 and 0 <= threshold <= 2**THRESHOLD_BITS):
+        return f"the seed {seed} or threshold {threshold} of the task's sparse residuals is out of range"
+    return None
+
+
 def _fmix32(h):
     """MurmurHash3's finalizer on a uint32 array, in place (numpy's uint32 arithmetic wraps)."""
     h ^= h >> np.uint32(16)
