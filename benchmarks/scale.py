@@ -507,6 +507,12 @@ def find_zoo(cache, layout: Layout, n_tasks: int, seed: int) -> Zoo | None:
     return Zoo(layout, d, seed, n)
 
 
+def shown(text) -> str:
+    """``text`` with the current directory's absolute path left out of the paths in it: what the
+    results record runs from the checkout and must not name this machine's folders."""
+    return str(text).replace(os.getcwd() + os.sep, "")
+
+
 def free_bytes(path: str | os.PathLike) -> int:
     """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
     p = Path(path).resolve()
@@ -653,7 +659,7 @@ class Measurement:
         return None
 
     def record(self) -> dict:
-        return {"argv": shlex.join(self.argv), "wall_s": round(self.wall_s, 3), "peak_rss_bytes": self.peak_rss_bytes,
+        return {"argv": shown(shlex.join(self.argv)), "wall_s": round(self.wall_s, 3), "peak_rss_bytes": self.peak_rss_bytes,
                 "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 3), "rc": self.rc, "timed_out": self.timed_out}
 
 
@@ -1543,16 +1549,16 @@ def write_outputs(summary: dict, out: str | os.PathLike, results_md: str | os.Pa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     png = write_plot(summary, out / "scale.png")
-    summary["plot"] = str(png) if png else None
+    summary["plot"] = shown(png) if png else None
     if png is None:
         summary["plot_note"] = "(No plot: matplotlib is not installed.)"
-    summary["json_path"] = str(out / "scale.json")
+    summary["json_path"] = shown(out / "scale.json")
     (out / "scale.md").write_text(markdown(summary, png.name if png else None) + "\n")
     if results_md is not None:
         results_md = Path(results_md)
         rel = os.path.relpath(png, results_md.resolve().parent) if png else None
         replace_section(results_md, SECTION, markdown(summary, rel))
-        summary["results_md"] = str(results_md)
+        summary["results_md"] = shown(results_md)
     (out / "scale.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 

@@ -110,7 +110,9 @@ def run(layout="mid", n_tasks=8, seed=0, old=OLD, budget="3%", timeout=5400.0, c
     raw = n_tasks * zoo.layout.n_params * 4
     results = {"layout": zoo.layout.name, "description": zoo.layout.description, "params": zoo.layout.n_params,
                "tasks": n_tasks, "seed": seed, "budget": budget, "old_commit": old, "new_commit": _head(), "raw_fp32_bytes": raw}
-    with tempfile.TemporaryDirectory(prefix="tvbase-versus-010-") as tmp:
+    # scratch stores beside the zoo cache: the commands recorded name them relative to the checkout
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tvbase-versus-010-", dir=cache) as tmp:
         tmp = Path(tmp)
         print(f"[versus-010] new: ingest of {n_tasks} tasks ...", file=sys.stderr, flush=True)
         runner = scale.Runner(timeout=timeout, logs=tmp / "logs-new")
