@@ -247,6 +247,21 @@ def test_export_lora_of_a_composition_reports_its_truncation_error(bert, mixed_s
     assert _distance(mixed_store, coefficients, _merged_update(bert, tmp_path / "high")) < 1e-5
 
 
+def test_export_lora_of_a_task_with_sparse_residuals_reports_what_it_leaves_out(bert, tmp_path, monkeypatch):
+    """An adapter holds no random entries: the export leaves them out and measures that exactly."""
+    from tvbase.export_lora import export_lora
+    from tvbase.methods import tucker
+
+    monkeypatch.setattr(tucker, "SPARSE_MIN_SIDE", 8)  # the tiny BERT's matrices are narrow
+    store = Store.create(tmp_path / "s", bert["root"] / "base", params=FitParams(budget=0.3, sparse_share=0.5))
+    store.ingest({"full": bert["full"]}, progress=False)
+    assert "sparse" in store.meta["tasks"]["full"]
+    report = export_lora(store, {"full": 1.0}, tmp_path / "adapter", rank=64)
+    assert not report["exact"] and 0 < report["rel_error"] < 1
+    measured = _distance(store, {"full": 1.0}, _merged_update(bert, tmp_path / "adapter"))
+    assert measured == pytest.approx(report["rel_error"], rel=1e-3)
+
+
 def test_export_lora_refusals_leave_no_output(bert, mixed_store, tmp_path):
     from tvbase.export_lora import export_lora
 
