@@ -26,7 +26,7 @@ from ._version import __version__
 from .codec.bits import payload_nbytes
 from .codec.factors import matrix_shape
 from .codec.payload import PAYLOAD_CHUNK, packing_order, raw_bytes, zarr_compressors
-from .codec.sparse import positions, record_problem, tensor_seed
+from .codec.sparse import checked_positions, record_problem, tensor_seed
 from .errors import FormatVersionError, IntegrityError, TvbaseError
 from .s3 import storage_error
 
@@ -300,8 +300,8 @@ def sparse_mask_problems(record, name, shape, count):
     if problem:
         return [problem]
     m, n = matrix_shape(shape)
-    picked = len(positions(m * n, tensor_seed(sparse["seed"], name), sparse["threshold"]))
-    return [] if picked == count else [f"sparse residual holds {count} values, its seed and threshold pick {picked} entries"]
+    _, problem = checked_positions(m * n, tensor_seed(sparse["seed"], name), sparse["threshold"], count)
+    return [problem] if problem else []
 
 
 def task_record_problems(meta):

@@ -8,7 +8,7 @@ import torch
 
 from .codec import matrix_shape
 from .codec.quantize import dequantize
-from .codec.sparse import positions
+from .codec.sparse import checked_positions
 from .errors import IntegrityError
 
 
@@ -93,12 +93,9 @@ def _sparse_positions(numel, tt, device="cpu"):
     """The flat positions of a task's sparse residual in a matrix of ``numel`` entries."""
     if tt.sparse_mask is None:
         raise IntegrityError("a sparse residual is stored without the seed of its positions; run `tvbase verify`")
-    pos = positions(numel, *tt.sparse_mask)
-    if len(pos) != tt.sparse.shape[0]:
-        raise IntegrityError(
-            f"a sparse residual holds {tt.sparse.shape[0]} values, its seed and threshold pick {len(pos)} "
-            "entries; run `tvbase verify`"
-        )
+    pos, problem = checked_positions(numel, *tt.sparse_mask, tt.sparse.shape[0])
+    if problem:
+        raise IntegrityError(f"{problem}; run `tvbase verify`")
     return torch.from_numpy(pos).to(device)
 
 

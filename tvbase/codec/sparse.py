@@ -52,6 +52,14 @@ def record_problem(record):
     return None
 
 
+def checked_positions(numel, seed, threshold, count):
+    """:func:`positions`, and a message if they are not ``count`` (the values stored), else None."""
+    pos = positions(numel, seed, threshold)
+    if len(pos) != count:
+        return pos, f"a sparse residual holds {count} values, its seed and threshold pick {len(pos)} entries"
+    return pos, None
+
+
 def _fmix32(h):
     """MurmurHash3's finalizer on a uint32 array, in place (numpy's uint32 arithmetic wraps)."""
     h ^= h >> np.uint32(16)
