@@ -373,7 +373,10 @@ class _Fit:
                 m, n = self.matrices[name]
                 mask = self._sparse_mask(t, name)
                 tt = self.result.tasks[t][name]
-                left = sampled.double() - _lowrank_at(tt, positions(m * n, *mask), n, self.device)
+                left = sampled.double()
+                if tt.A is not None:  # one product, as a rebuild forms it: faster than a gather per entry
+                    lowrank = rebuild_tensor((m, n), [(1.0, None, TaskTensor(A=tt.A.load(), B=tt.B.load()))], device=self.device)
+                    left -= lowrank.reshape(-1)[torch.from_numpy(positions(m * n, *mask)).to(lowrank.device)].double().cpu()
                 q = quantize_clipped((left / keep).float()[:, None], self.p.sparse_bits)
                 stored = dequantize(q)[:, 0].double()
                 # ||E - S||^2 = ||E||^2 - 2 <E, S> + ||S||^2, S nonzero only at the sampled entries
@@ -796,24 +799,6 @@ def _residual_item(x, mshape, shared, q_max, rows, sparse, p, device):
         e[ids] = 0
     candidates.append(_svd_candidate(e, q_max, p, device))
     return fitted, candidates, sampled
-
-
-def _lowrank_at(tt, pos, n, device, block=1 << 22):
-    """The per-task low-rank term ``A @ B.T`` of ``tt`` at the ascending flat positions ``pos``
-    of an (m, n) matrix, (k,) float64 on the CPU. Formed a block of rows at a time (about
-    ``block`` entries) and gathered: a matrix product runs far faster per entry than a gather of
-    rows of A and B, even where one entry in fifty is kept, and no (k, q) gather is held."""
-    out = torch.zeros(len(pos), dtype=torch.float64)
-    if tt.A is None:
-        return out
-    A, B = dequantize(tt.A.load(), device=device), dequantize(tt.B.load(), device=device)  # (m, q), (n, q)
-    rows = max(1, block // n)
-    for r0 in range(0, A.shape[0], rows):
-        lo, hi = np.searchsorted(pos, [r0 * n, min(r0 + rows, A.shape[0]) * n])
-        if hi > lo:
-            product = (A[r0 : r0 + rows] @ B.T).reshape(-1)  # (rows * n,)
-            out[lo:hi] = product[torch.from_numpy(pos[lo:hi] - r0 * n).to(product.device)].double().cpu()
-    return out
 
 
 def _svd_candidate(e, q_max, p, device):
