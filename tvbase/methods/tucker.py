@@ -213,6 +213,10 @@ class _Fit:
         self.bases = bases or {}  # stored cluster id -> {tensor: SharedBasis} new tasks may join
         self._captured = {}  # (task, tensor) -> {stored cluster id: energy its bases capture}
         self._joined = {}  # (task, tensor) -> the stored basis the task's core is fitted to
+        # the matrices a sparse residual may cover: both sides at least SPARSE_MIN_SIDE, vocabulary
+        # matrices aside (a few rows move far, kept whole, the rest little), under 2**32 entries (the hash)
+        self._sparse_names = [name for name, (m, n) in self.matrices.items()
+                              if min(m, n) >= SPARSE_MIN_SIDE and not _is_vocabulary(m, n) and m * n < 2**32]
         self._sparse_threshold = 0  # of every sparse residual's positions (tvbase.codec.sparse); 0: none
         self._task_seed = {t: _seed(self.p.seed, zlib.crc32(t.encode())) & 0xFFFFFFFF for t in tasks}
 
@@ -329,17 +333,10 @@ class _Fit:
             residual_allowed = allowed * (1 - _BUDGET_TOLERANCE / 2) - shared_disk - sparse_disk
             residual_budget *= max(residual_allowed, 0.0) / max(on_disk - shared_disk - sparse_disk, 1)  # aim mid-band
 
-    def _sparse_matrices(self):
-        """The matrices a sparse residual may cover: those with both sides at least
-        ``SPARSE_MIN_SIDE``, vocabulary matrices aside (their task vectors move a few rows far,
-        kept whole, and the rest little), and matrices of 2**32 entries or more (past the hash)."""
-        return [name for name, (m, n) in self.matrices.items()
-                if min(m, n) >= SPARSE_MIN_SIDE and not _is_vocabulary(m, n) and m * n < 2**32]
-
     def _plan_sparse(self, allowed):
         """Set the keep probability of the sparse residuals (one for every task and matrix) that
         ``allowed`` disk bytes pay for, at their size before compression; returns the bytes planned."""
-        names = self._sparse_matrices()
+        names = self._sparse_names
         n_rows = len(names) * len(self.tasks)
         entries = len(self.tasks) * sum(math.prod(self.matrices[name]) for name in names)
         per_entry = self.p.sparse_bits / 8
@@ -353,7 +350,7 @@ class _Fit:
 
     def _sparse_mask(self, task, name):
         """(seed, threshold) of the sparse residual of (task, matrix), or None."""
-        if not self._sparse_threshold or name not in self._sparse_matrices():
+        if not self._sparse_threshold or name not in self._sparse_names:
             return None
         return tensor_seed(self._task_seed[task], name), self._sparse_threshold
 
@@ -368,7 +365,7 @@ class _Fit:
         keep = keep_fraction(self._sparse_threshold)
         payloads = []
         for t in self.tasks:
-            for name in self._sparse_matrices():
+            for name in self._sparse_names:
                 sampled = self._spill.get_tensor(("sparse", t, name))  # (k,) float32
                 m, n = self.matrices[name]
                 mask = self._sparse_mask(t, name)
