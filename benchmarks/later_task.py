@@ -46,15 +46,17 @@ def run(layout, n_tasks, work, cache, methods):
             shutil.rmtree(path, ignore_errors=True)
             shutil.copytree(first.path, path)
             store = Store.open(path)
-            before, started = store.info()["factor_bytes"], time.perf_counter()
+            before, started = store.info(), time.perf_counter()
             store.ingest({later: zoo.task(n_tasks)}, params=FitParams.from_dict({**store.meta["params"], "budget": budget}),
                          method=method, progress=False)
-            r = _row(store, later)
-            grown = store.info()["factor_bytes"] - before
+            r, after = _row(store, later), store.info()
+            grown = after["factor_bytes"] - before["factor_bytes"]
             rows.append({"method": method, "budget": budget, "kind": r["kind"], "rel_error": r["rel_error"], "bytes": grown,
                          "error_ratio": r["rel_error"] / joint["rel_error"], "ingest_s": time.perf_counter() - started})
             print(rows[-1], file=sys.stderr, flush=True)
-            budget *= joint["stored_bytes"] / grown
+            # from the share of raw it took on disk: below the budget where its ranks stop at --max-rank
+            share = (after["version_disk_bytes"] - before["version_disk_bytes"]) / (after["raw_fp32_bytes"] - before["raw_fp32_bytes"])
+            budget = share * joint["stored_bytes"] / grown
             shutil.rmtree(path, ignore_errors=True)
     return {"layout": layout, "tasks": n_tasks, "later_task": later, "command": command_line("benchmarks.later_task"), "machine": machine(),
             "joint": {"rel_error": joint["rel_error"], "bytes": joint["stored_bytes"]}, "later": rows}

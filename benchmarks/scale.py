@@ -36,8 +36,9 @@ this process instead, a child would carry this process's own high-water mark int
   ``tvbase ingest`` after the first fit, divided by its error when the T + 1 tasks are ingested
   together into another store, at equal bytes (goal <= 1.1): at the default budget the joint
   fit's allocation gives the task other bytes than a later ingest does, so the later task is
-  ingested again at the budget scaled by the two stored sizes (``later_rel_error`` is its error
-  at the default budget, ``later_equal_bytes_*`` the second ingest's);
+  ingested again at the budget scaled by the two stored sizes, from the share of its raw bytes it
+  took on disk (below the budget where its ranks are at ``--max-rank``) (``later_rel_error`` is
+  its error at the default budget, ``later_equal_bytes_*`` the second ingest's);
 - on one layout (``--growth-layout``, default the smallest non-tiny layout of the run) an ingest of
   ``--growth-tasks`` tasks too: ``peak_rss_growth`` from T to that many (goal < 20%).
 
@@ -985,7 +986,8 @@ def _info(runner, store, label):
     if data is None:
         s = s or {"failed": True, "command": f"info ({label})", "error": "no JSON"}
         return {"disk_storage": s, "disk_bytes": s}
-    return {k: data.get(k) for k in ("disk_storage", "disk_bytes", "raw_fp32_bytes", "factor_bytes", "factor_storage", "tasks", "clusters")}
+    keys = ("disk_storage", "disk_bytes", "version_disk_bytes", "raw_fp32_bytes", "factor_bytes", "factor_storage", "tasks", "clusters")
+    return {k: data.get(k) for k in keys}
 
 
 def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLike, progress: bool = True) -> dict:
@@ -1068,7 +1070,8 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
     r["later_task"] = later
     if ingested:
         # a later task's bytes are what the store grows by (ls shares its cluster's bases out)
-        r["before_later_factor_bytes"] = _info(runner, store, f"{layout.name} before later ingest").get("factor_bytes")
+        before = _info(runner, store, f"{layout.name} before later ingest")
+        r["before_later_factor_bytes"] = before.get("factor_bytes")
         m = runner.tvbase("ingest", "-q", store, f"{later}={zoo.task(n_tasks).resolve()}", device=True)
         r["later_ingest_s"], r["later_ingest_peak_rss_bytes"] = _timed(m, f"later ingest of {later}")
         ls = runner.tvbase("ls", store, "--json")
@@ -1077,6 +1080,7 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
             "failed": True, "command": "ls", "error": f"no rel_error for {later}"}
         info_after = _info(runner, store, f"{layout.name} after later ingest")
         r["later_stored_bytes"], r["later_kind"] = _growth(r["before_later_factor_bytes"], info_after), kind
+        r["later_disk_share"] = _disk_share(before, info_after)
         r["later_disk_storage"] = info_after.get("disk_storage")
     else:
         r["later_ingest_s"] = r["later_rel_error"] = skip
@@ -1110,19 +1114,32 @@ def _growth(before, info):
     return after - before if _is_number(before) and _is_number(after) else None
 
 
+def _disk_share(before, after):
+    """What one ingest grew the current version by on disk, as a share of the raw fp32 bytes it
+    added, or None."""
+    keys = ("version_disk_bytes", "raw_fp32_bytes")
+    if not all(_is_number(info.get(k)) for info in (before, after) for k in keys):
+        return None
+    raw = after["raw_fp32_bytes"] - before["raw_fp32_bytes"]
+    return (after["version_disk_bytes"] - before["version_disk_bytes"]) / raw if raw > 0 else None
+
+
 def _later_at_equal_bytes(runner: Runner, store: Path, path: Path, later: str, r: dict) -> dict:
     """The later task's error when it gets the bytes the joint fit gave it (the goal compares at
     equal bytes; at equal budget the joint fit's allocation often gives the task more): ingested
     again into the first store, with the budget scaled by joint / later stored bytes (the later
     task's: what the store grew by; the joint fit's: its own factors and its share of its
-    cluster's bases). Where the two differ by under 5%, or a figure is missing, the later
-    ingest's own figures stand."""
+    cluster's bases). The scaling starts from the share of raw the later task took on disk, not
+    from the budget: where its ranks stop at ``--max-rank`` it takes less than the budget, and a
+    budget scaled from the nominal one would not bind (the llama slice's first run). Where the two
+    differ by under 5%, or a figure is missing, the later ingest's own figures stand."""
     out = {"later_equal_bytes_rel_error": r["later_rel_error"], "later_equal_bytes_stored_bytes": r.get("later_stored_bytes"),
            "later_equal_bytes_budget": FitParams().budget}
     later_bytes, joint_bytes = r.get("later_stored_bytes"), r.get("joint_stored_bytes")
     if not (_is_number(later_bytes) and _is_number(joint_bytes) and later_bytes > 0) or abs(joint_bytes / later_bytes - 1) < 0.05:
         return out
-    budget = FitParams().budget * joint_bytes / later_bytes
+    share = r.get("later_disk_share")
+    budget = (share if _is_number(share) and share > 0 else FitParams().budget) * joint_bytes / later_bytes
     removed = runner.tvbase("rm", store, later)
     m = runner.tvbase("ingest", "-q", "--budget", f"{100 * budget:.4g}%", store, f"{later}={path.resolve()}", device=True)
     ls = runner.tvbase("ls", store, "--json") if removed.ok and m.ok else None

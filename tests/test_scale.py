@@ -167,6 +167,7 @@ def test_quick_run_records_every_figure(quick):
     for key in scale.RATIOS:
         assert _positive_or_timeout(r[key]), (key, r[key])
     assert r["compose_terms"] == 2 and r["later_task"] == "t02"
+    assert 0 < r["later_disk_share"] <= 0.03 * 1.05  # what the later ingest took on disk, within its budget
     if r["later_equal_bytes_budget"] != 0.03:  # ingested again for the joint fit's bytes: closer to them
         assert abs(r["later_equal_bytes_stored_bytes"] - r["joint_stored_bytes"]) < abs(r["later_stored_bytes"] - r["joint_stored_bytes"])
     assert r["later_error_ratio"] == pytest.approx(r["later_equal_bytes_rel_error"] / r["joint_rel_error"])
