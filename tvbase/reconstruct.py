@@ -12,8 +12,14 @@ from .codec.sparse import checked_positions
 from .errors import IntegrityError
 
 
+# Reads multiply in bfloat16 only for tasks with at least this relative error: the rounding adds
+# about 0.4% of a tensor's norm (measured on BERT-base shapes), which moves an error of 0.2 by 0.02%
+# and leaves what the store records as the task's error true.
+BF16_MIN_REL_ERROR = 0.2
+
+
 @torch.no_grad()
-def rebuild_tensor(shape, terms, device="cpu"):
+def rebuild_tensor(shape, terms, device="cpu", bf16_products=False):
     """Rebuild ``sum_k alpha_k * tau_k`` for one tensor, combining coefficients first.
 
     Parameters
@@ -24,6 +30,14 @@ def rebuild_tensor(shape, terms, device="cpu"):
         ``alpha`` : float, the task's coefficient; ``shared`` : SharedBasis or None, the basis of
         the task's cluster for this tensor; ``task_tensor`` : TaskTensor.
     device : str or torch.device
+    bf16_products : bool, default False
+        Multiply the factors of a matrix in bfloat16 (float32 accumulation) where every factor
+        holds integer codes of at most 8 bits: the codes are exact in bfloat16, and rounding the
+        scales and the product adds a relative 2**-9 per entry, a few percent of what 8-bit codes
+        already lose, while AMX and tensor cores multiply 6-14x faster (benchmarks/RESULTS.md).
+        Reads ask for it where the device has such units (:func:`tvbase.devices.bf16_products`)
+        and every task's recorded error is at least ``BF16_MIN_REL_ERROR``; the fit does not (its
+        error bookkeeping subtracts nearly equal sums).
 
     Returns
     -------
@@ -37,7 +51,7 @@ def rebuild_tensor(shape, terms, device="cpu"):
     one product per cluster whatever the number of terms. Per-task low-rank terms are stacked
     into a single ``[alpha_t A_t] @ [B_t]^T`` product.
     """
-    return _add_new_rows(_rebuild_base_rows(shape, terms, device), terms, device)
+    return _add_new_rows(_rebuild_base_rows(shape, terms, device, bf16_products), terms, device)
 
 
 def _add_new_rows(out, terms, device):
@@ -54,7 +68,7 @@ def _add_new_rows(out, terms, device):
     return grown
 
 
-def _rebuild_base_rows(shape, terms, device):
+def _rebuild_base_rows(shape, terms, device, bf16_products=False):
     numel = int(torch.Size(shape).numel())
     out = torch.zeros(numel, device=device)  # flat; reshaped at the end
     _add_seed_terms(out, terms, device)
@@ -67,16 +81,19 @@ def _rebuild_base_rows(shape, terms, device):
 
     m, n = mshape
     out = out.reshape(m, n)
-    # products accumulate in place (addmm_): no m x n temporary per term
-    for shared, core_sum in _sum_per_basis(terms, "core", device):
-        U = dequantize(shared.U, device=device)  # (m, r_u)
-        V = dequantize(shared.V, device=device)  # (n, r_v)
-        out.addmm_(U @ core_sum, V.T)
-    lowrank = [(alpha, tt) for alpha, _, tt in terms if tt.A is not None]
-    if lowrank:
-        A = torch.cat([alpha * dequantize(tt.A, device=device) for alpha, tt in lowrank], dim=1)  # (m, sum q)
-        B = torch.cat([dequantize(tt.B, device=device) for _, tt in lowrank], dim=1)  # (n, sum q)
-        out.addmm_(A, B.T)
+    if bf16_products and _integer_codes(terms):
+        _add_bf16_products(out, terms, device)
+    else:
+        # products accumulate in place (addmm_): no m x n temporary per term
+        for shared, core_sum in _sum_per_basis(terms, "core", device):
+            U = dequantize(shared.U, device=device)  # (m, r_u)
+            V = dequantize(shared.V, device=device)  # (n, r_v)
+            out.addmm_(U @ core_sum, V.T)
+        lowrank = [(alpha, tt) for alpha, _, tt in terms if tt.A is not None]
+        if lowrank:
+            A = torch.cat([alpha * dequantize(tt.A, device=device) for alpha, tt in lowrank], dim=1)  # (m, sum q)
+            B = torch.cat([dequantize(tt.B, device=device) for _, tt in lowrank], dim=1)  # (n, sum q)
+            out.addmm_(A, B.T)
     for alpha, _, tt in terms:
         if tt.rows is not None:  # rows kept whole: (n, s) columns added to rows row_ids
             ids = dequantize(tt.row_ids, device=device)[0].long()  # (s,)
@@ -87,6 +104,45 @@ def _rebuild_base_rows(shape, terms, device):
         if tt.sparse is not None:
             out.view(-1).index_add_(0, _sparse_positions(m * n, tt, device), dequantize(tt.sparse, device=device)[:, 0], alpha=alpha)
     return out.reshape(shape)
+
+
+def _integer_codes(terms):
+    """Whether every factor of a matrix's products holds integer codes of at most 8 bits."""
+    factors = [tt.A for _, _, tt in terms if tt.A is not None] + [tt.B for _, _, tt in terms if tt.B is not None]
+    factors += [tt.core for _, _, tt in terms if tt.core is not None]
+    factors += [q for _, shared, tt in terms if shared is not None and tt.core is not None for q in (shared.U, shared.V)]
+    return all(q.bits <= 8 for q in factors)
+
+
+# entries of a bfloat16 product formed at a time: its temporary stays near 32 MiB whatever the matrix
+_PRODUCT_BLOCK_ENTRIES = 1 << 24
+
+
+def _add_bf16_products(out, terms, device):
+    """``out`` (m, n) float32 += every shared and low-rank term, as one product of bfloat16
+    operands ``left`` (m, k) @ ``right`` (k, n), decoded straight into them and formed by blocks
+    of rows."""
+    bases = _sum_per_basis(terms, "core", device)  # [(basis, sum of alpha_t C_t (r_u, r_v))]
+    lowrank = [(alpha, tt) for alpha, _, tt in terms if tt.A is not None]
+    k = sum(core_sum.shape[1] for _, core_sum in bases) + sum(tt.A.shape[1] for _, tt in lowrank)
+    if k == 0:
+        return
+    (m, n), col = out.shape, 0
+    left = torch.empty(m, k, dtype=torch.bfloat16, device=device)
+    right = torch.empty(k, n, dtype=torch.bfloat16, device=device)
+    for shared, core_sum in bases:
+        r = core_sum.shape[1]
+        left[:, col:col + r] = dequantize(shared.U, device=device) @ core_sum
+        right[col:col + r] = dequantize(shared.V, device=device).T
+        col += r
+    for alpha, tt in lowrank:
+        q = tt.A.shape[1]
+        left[:, col:col + q] = dequantize(tt.A, device=device).mul_(alpha)
+        right[col:col + q] = dequantize(tt.B, device=device).T
+        col += q
+    step = max(1, _PRODUCT_BLOCK_ENTRIES // max(n, 1))
+    for start in range(0, m, step):
+        out[start:start + step] += left[start:start + step] @ right
 
 
 def _sparse_positions(numel, tt, device="cpu"):

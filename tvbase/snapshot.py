@@ -64,11 +64,13 @@ class Snapshot:
         Terms are combined in sorted task order, so equal requests give equal bits whatever the
         order of the dict.
         """
-        from .reconstruct import (
-            rebuild_tensor,  # torch: loaded by the first rebuild, not by ls/info/log
-        )
+        from .devices import bf16_products  # torch: loaded by the first rebuild, not by ls/info/log
+        from .reconstruct import BF16_MIN_REL_ERROR, rebuild_tensor
 
-        return rebuild_tensor(self.shapes[name], self._terms(name, coefficients), device=device)
+        # bfloat16 products only where every task's recorded error dwarfs their rounding
+        coarse = all((self.meta["tasks"][t].get("rel_error") or 0.0) >= BF16_MIN_REL_ERROR for t in coefficients)
+        terms = self._terms(name, coefficients)
+        return rebuild_tensor(self.shapes[name], terms, device=device, bf16_products=coarse and bf16_products(device))
 
     def factors(self, name, coefficients, device):
         """The same sum for a matrix as factors ``(L (m, k), R (n, k))`` with ``L @ R.T`` equal to
