@@ -1017,7 +1017,7 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
         "layout": layout.name, "description": layout.description, "params": layout.n_params,
         "dtype": str(layout.dtype).removeprefix("torch."), "tensors": len(layout.tensors),
         "checkpoint_bytes": layout.checkpoint_bytes, "tasks": n_tasks,
-        "zoo": {"path": str(zoo.root), "tasks": zoo.n_tasks, "generated_s": zoo.generated_s},
+        "zoo": {"path": shown(zoo.root), "tasks": zoo.n_tasks, "generated_s": zoo.generated_s},
     }
     started = time.perf_counter()
     first = len(runner.records)
@@ -1331,7 +1331,7 @@ def run(layouts: Sequence[str] = REAL_LAYOUTS, tasks: int = 8, growth_tasks: int
             if progress:
                 _log(f"{name}: zoo of {need[name]} tasks ({layout.n_params / 1e6:.1f}M params, {layout.checkpoint_bytes / 1e9:.2f} GB each)")
             zoo = generate_zoo(layout, need[name], seed, cache, progress=progress, reserve=scratch)
-            zoos[name] = {"path": str(zoo.root), "tasks": zoo.n_tasks, "generated_s": zoo.generated_s}
+            zoos[name] = {"path": shown(zoo.root), "tasks": zoo.n_tasks, "generated_s": zoo.generated_s}
             r = measure_layout(zoo, tasks, runner, work / name, progress)
             results.append(r)
             if do_growth and name == growth_layout:
