@@ -47,7 +47,7 @@ def bf16_products(device):
 
 @functools.cache
 def _fast_bf16(device_type):
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device_type == "cuda":  # native only: before Ampere torch emulates bfloat16, slowly
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(check is not None and check() for check in checks)
