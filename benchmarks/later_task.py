@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tvbase.bench.report import command_line, machine
-from benchmarks.scale import DEFAULT_CACHE, LAYOUTS, find_zoo, generate_zoo, task_name
+from benchmarks.scale import DEFAULT_CACHE, LAYOUTS, disk_share, find_zoo, generate_zoo, task_name
 from tvbase.methods import FitParams
 from tvbase.store import Store
 
@@ -55,8 +55,7 @@ def run(layout, n_tasks, work, cache, methods):
                          "error_ratio": r["rel_error"] / joint["rel_error"], "ingest_s": time.perf_counter() - started})
             print(rows[-1], file=sys.stderr, flush=True)
             # from the share of raw it took on disk: below the budget where its ranks stop at --max-rank
-            share = (after["version_disk_bytes"] - before["version_disk_bytes"]) / (after["raw_fp32_bytes"] - before["raw_fp32_bytes"])
-            budget = share * joint["stored_bytes"] / grown
+            budget = disk_share(before, after) * joint["stored_bytes"] / grown
             shutil.rmtree(path, ignore_errors=True)
     return {"layout": layout, "tasks": n_tasks, "later_task": later, "command": command_line("benchmarks.later_task"), "machine": machine(),
             "joint": {"rel_error": joint["rel_error"], "bytes": joint["stored_bytes"]}, "later": rows}

@@ -1080,7 +1080,7 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
             "failed": True, "command": "ls", "error": f"no rel_error for {later}"}
         info_after = _info(runner, store, f"{layout.name} after later ingest")
         r["later_stored_bytes"], r["later_kind"] = _growth(r["before_later_factor_bytes"], info_after), kind
-        r["later_disk_share"] = _disk_share(before, info_after)
+        r["later_disk_share"] = disk_share(before, info_after)
         r["later_disk_storage"] = info_after.get("disk_storage")
     else:
         r["later_ingest_s"] = r["later_rel_error"] = skip
@@ -1114,7 +1114,7 @@ def _growth(before, info):
     return after - before if _is_number(before) and _is_number(after) else None
 
 
-def _disk_share(before, after):
+def disk_share(before, after):
     """What one ingest grew the current version by on disk, as a share of the raw fp32 bytes it
     added, or None."""
     keys = ("version_disk_bytes", "raw_fp32_bytes")
