@@ -70,6 +70,16 @@ def test_a_composition_has_the_longest_tasks_rows_and_counts_missing_rows_as_zer
     torch.testing.assert_close(mixed[VOCAB:], 0.5 * grown[VOCAB:], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("request_", [{"plain": 1.0}, {"grown": 1.0}, {"grown": 0.5, "plain": -1.0}])
+def test_the_composition_plan_is_what_the_composition_yields(zoo, request_):
+    store = zoo["store"]
+    plan = store.composition_plan(request_, torch.bfloat16)
+    yielded = [(n, tuple(t.shape), t.dtype) for n, t in store.iter_composition(request_, device="cpu", dtype=torch.bfloat16)]
+    assert plan == yielded
+    rows = dict((n, shape) for n, shape, _ in plan)[EMBEDDING][0]
+    assert rows == (VOCAB + ADDED if "grown" in request_ else VOCAB)
+
+
 def test_apply_writes_a_model_with_the_grown_vocabulary(zoo, tmp_path):
     apply_composition(zoo["store"], {"grown": 1.0}, None, tmp_path / "merged", device="cpu")
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == VOCAB + ADDED

@@ -4,9 +4,11 @@ import json
 import os
 import re
 import struct
+import weakref
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tvbase.io.checkpoint as sources
@@ -618,3 +620,86 @@ def test_save_rejects_bad_input(tmp_path, tensors, kwargs, phrase):
 def test_save_refuses_pickle_path(tmp_path):
     with pytest.raises(InvalidInputError, match="never pickle"):
         save_checkpoint([("a", torch.zeros(1))], tmp_path / "pytorch_model.bin")
+
+
+# --- save_checkpoint with a plan: headers first, tensors streamed ------------------------------------
+
+
+def _plan(tensors):
+    return [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+
+
+@pytest.mark.parametrize("target", ["one.safetensors", "out"])
+def test_planned_save_round_trips_and_cuts_the_same_shards(tmp_path, target):
+    tensors = _tensors()
+    planned = save_checkpoint(tensors.items(), tmp_path / "planned" / target, max_shard_bytes=100, plan=_plan(tensors),
+                              metadata={"source": "test"})
+    unplanned = save_checkpoint(tensors.items(), tmp_path / "unplanned" / target, max_shard_bytes=100, metadata={"source": "test"})
+    assert [p.name for p in planned] == [p.name for p in unplanned]
+    if target == "out":
+        index = [json.loads(p.read_text()) for p in (planned[-1], unplanned[-1])]
+        assert index[0] == index[1]
+    with Checkpoint.open(tmp_path / "planned" / target) as checkpoint:
+        _assert_same(checkpoint, tensors)
+    for file in planned:  # safetensors itself reads every file, header metadata included
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as f:
+                assert f.metadata() == {"format": "pt", "source": "test"}
+                for name in f.keys():
+                    assert torch.equal(f.get_tensor(name), tensors[name])
+
+
+def test_planned_save_writes_while_the_tensors_come_and_holds_few(tmp_path):
+    live, seen = weakref.WeakSet(), []
+
+    def stream():
+        for i in range(8):
+            seen.append(len(live))  # tensors not yet written and freed when the next is made
+            tensor = torch.full((1000,), float(i))
+            live.add(tensor)
+            yield f"t{i}", tensor
+
+    plan = [(f"t{i}", (1000,), torch.float32) for i in range(8)]
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(stream(), path, plan=plan)
+    assert max(seen) <= 3  # the one being written and two waiting, never the whole file
+    with safe_open(str(path), framework="pt") as f:
+        assert [float(f.get_tensor(f"t{i}")[0]) for i in range(8)] == [float(i) for i in range(8)]
+
+
+@pytest.mark.parametrize(
+    ("change", "phrase"),
+    [
+        (lambda items: items[:-1], "ended before 'scale'"),
+        (lambda items: items + [("extra", torch.zeros(1))], "more tensors came than the plan"),
+        (lambda items: [items[1], items[0], *items[2:]], "not the plan's next one"),
+        (lambda items: [(n, t.double() if n == "layer.0.bias" else t) for n, t in items], "not the plan's next one"),
+        (lambda items: [(n, t[:3] if n == "embed.weight" else t) for n, t in items], "not the plan's next one"),
+    ],
+)
+@pytest.mark.parametrize("target", ["one.safetensors", "out"])
+def test_planned_save_refuses_other_tensors_and_keeps_the_old_files(tmp_path, change, phrase, target):
+    old, new = _tensors(seed=0), _tensors(seed=1)
+    path = tmp_path / target
+    before = save_checkpoint(old.items(), path, max_shard_bytes=100)
+    contents = {p: p.read_bytes() for p in before}
+    with pytest.raises(InvalidInputError, match=phrase):
+        save_checkpoint(change(list(new.items())), path, max_shard_bytes=100, plan=_plan(new))
+    assert sorted(p.name for p in path.parent.rglob("*") if p.is_file()) == sorted(p.name for p in before)
+    assert all(p.read_bytes() == data for p, data in contents.items())
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        [("a", (2,))],
+        [("a", (2,), torch.complex128)],
+        [("a", (-1,), torch.float32)],
+        [("a", (2,), torch.float32), ("a", (2,), torch.float32)],
+        [("__metadata__", (2,), torch.float32)],
+    ],
+)
+def test_save_rejects_a_bad_plan(tmp_path, plan):
+    with pytest.raises(InvalidInputError, match="bad plan entry"):
+        save_checkpoint([("a", torch.zeros(2))], tmp_path / "m.safetensors", plan=plan)
+    assert not (tmp_path / "m.safetensors").exists()

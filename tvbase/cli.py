@@ -242,8 +242,10 @@ def cmd_get(args):
     from .store import Store
 
     store = Store.open(args.store, at=args.at)
-    tensors = store.iter_composition({args.name: 1.0}, device=args.device, dtype=_torch_dtype(args.dtype))
-    files = save_checkpoint(((n, t.cpu()) for n, t in tensors), args.output, metadata={"tvbase_task": args.name, "tvbase_version": store.version})
+    request, dtype = {args.name: 1.0}, _torch_dtype(args.dtype)
+    tensors = store.iter_composition(request, device=args.device, dtype=dtype)
+    files = save_checkpoint(((n, t.cpu()) for n, t in tensors), args.output, plan=store.composition_plan(request, dtype),
+                            metadata={"tvbase_task": args.name, "tvbase_version": store.version})
     print(f"wrote task vector {args.name!r} to {', '.join(map(str, files))}")
 
 

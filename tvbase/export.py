@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .io.checkpoint import PICKLE_SUFFIXES
-from .io.save import check_new_directory, save_checkpoint, write_directory_atomic
+from .io.save import check_new_directory, save_checkpoint, torch_dtype, write_directory_atomic
 from .s3 import is_s3_url
 
 __all__ = ["apply_composition", "model_files", "write_composition"]
@@ -74,8 +74,9 @@ def write_composition(store, coefficients, output, device=None, dtype=None, meta
     output = Path(output)
     _check_output(output)
     tensors = store.iter_composition(coefficients, device=device, dtype=dtype)  # checks the tasks
+    plan = store.composition_plan(coefficients, dtype)
     return _write(output, lambda target: save_checkpoint(
-        ((name, tensor.cpu()) for name, tensor in tensors), target, max_shard_bytes, metadata))
+        ((name, tensor.cpu()) for name, tensor in tensors), target, max_shard_bytes, metadata, plan=plan))
 
 
 def apply_composition(store, coefficients, base, output, device=None, dtype=None, metadata=None,
@@ -127,10 +128,24 @@ def apply_composition(store, coefficients, base, output, device=None, dtype=None
                 yield name, merged.to(weight.dtype if keep else dtype).cpu()
 
         def write(target):
-            files = save_checkpoint(tensors(), target, max_shard_bytes, metadata)  # adds "format": "pt"
+            plan = _merged_plan(store, coefficients, ckpt, dtype)
+            files = save_checkpoint(tensors(), target, max_shard_bytes, metadata, plan=plan)  # adds "format": "pt"
             return files + (_copy_model_files(source, target, dtype, _vocab_size(rows)) if source is not None else [])
 
         return _write(output, write)
+
+
+def _merged_plan(store, coefficients, ckpt, dtype):
+    """What ``apply`` writes, as :func:`save_checkpoint`'s plan: the composition's shapes, each
+    tensor in ``dtype`` where it is floating point and given, else in the base's dtype; None
+    where a base dtype is one the plan cannot name (the files are then written unplanned)."""
+    plan = []
+    for name, shape, _ in store.composition_plan(coefficients):
+        kept = torch_dtype(ckpt.spec(name)[1])
+        if kept is None:
+            return None
+        plan.append((name, shape, kept if dtype is None or not kept.is_floating_point else dtype))
+    return plan
 
 
 def _is_weights(name):

@@ -92,6 +92,16 @@ class Snapshot:
         names = self.meta["tensors"]
         return {names[int(r[2])]: int(r[5]) for r in self.index if int(r[0]) == OWNER_TASK and int(r[1]) == tid and int(r[3]) == role}
 
+    def composition_shapes(self, tasks):
+        """Tensor name -> shape of a composition of ``tasks``, in the base's order: the base's
+        shape, with as many more rows as the task that added most rows to it added."""
+        added = [self.added_rows(task) for task in tasks]
+        shapes = {}
+        for name, shape in self.shapes.items():
+            more = max((rows.get(name, 0) for rows in added), default=0)
+            shapes[name] = (shape[0] + more, *shape[1:]) if more else shape
+        return shapes
+
     def _terms(self, name, coefficients):
         clusters = {self.meta["tasks"][task]["cluster"] for task in coefficients}
         self._cache_chunks = min(max(_MIN_CHUNK_CACHE, 2 * (len(coefficients) + len(clusters))), _MAX_CHUNK_CACHE)

@@ -128,6 +128,17 @@ class Store:
         # validated above, before the first tensor is asked for: callers open outputs only then
         return ((name, snapshot.rebuild(name, coefficients, device).to(dtype)) for name in self.meta["tensors"])
 
+    def composition_plan(self, coefficients, dtype=None):
+        """``[(tensor name, shape, dtype)]`` of what :meth:`iter_composition` yields for the same
+        request, in its order, known before any tensor is rebuilt (writers stream files with it:
+        :func:`tvbase.io.save.save_checkpoint`'s ``plan``)."""
+        import torch
+
+        for task in coefficients:
+            self._task_meta(task)
+        dtype = torch.float32 if dtype is None else dtype
+        return [(name, shape, dtype) for name, shape in self._snapshot.composition_shapes(coefficients).items()]
+
     def get(self, name, device=None, dtype=None):
         """Rebuild the task vector of task ``name``: dict tensor name -> tensor (base shapes)."""
         return dict(self.iter_composition({name: 1.0}, device, dtype))

@@ -1,7 +1,11 @@
 """Write tensors out as (sharded) safetensors checkpoints, each file atomically.
 
 The only way model weights leave tvbase: :func:`save_checkpoint` streams tensors to one
-``.safetensors`` file or to Hugging Face style shards plus ``model.safetensors.index.json``;
+``.safetensors`` file or to Hugging Face style shards plus ``model.safetensors.index.json``.
+Given a plan (every tensor's name, shape and dtype, in order), it writes each file's header
+first and then each tensor's bytes as it comes, on a writer thread, so that one tensor is
+written while the next is computed and no file is ever held whole in memory; safetensors
+itself only writes a whole dict (it needs every shape for the header, which a plan gives).
 :func:`write_atomic` is the one atomic-replace helper every writer of a file uses, and
 :func:`write_directory_atomic` its counterpart for a whole new directory (a model folder).
 """
@@ -9,11 +13,17 @@ The only way model weights leave tvbase: :func:`save_checkpoint` streams tensors
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import struct
+import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +33,7 @@ from tvbase.errors import InvalidInputError
 
 from .checkpoint import INDEX_NAME, PICKLE_SUFFIXES
 
-__all__ = ["check_new_directory", "save_checkpoint", "write_atomic", "write_directory_atomic"]
+__all__ = ["check_new_directory", "save_checkpoint", "torch_dtype", "write_atomic", "write_directory_atomic"]
 
 _SINGLE_NAME = "model.safetensors"
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -37,6 +47,13 @@ _TORCH_TO_SAFETENSORS = {
     torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
     torch.complex64: "C64",
 }  # fmt: skip
+_SAFETENSORS_TO_TORCH = {name: dtype for dtype, name in _TORCH_TO_SAFETENSORS.items()}
+
+
+def torch_dtype(safetensors_dtype: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name (``"F32"``, ``"BF16"``, ...), or None for one
+    that :func:`save_checkpoint` cannot write."""
+    return _SAFETENSORS_TO_TORCH.get(safetensors_dtype)
 
 
 def save_checkpoint(
@@ -45,6 +62,7 @@ def save_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     metadata: dict[str, str] | None = None,
     durable: bool = False,
+    plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
 ) -> list[Path]:
     """Write tensors as safetensors, streaming, each file atomically.
 
@@ -68,6 +86,11 @@ def save_checkpoint(
         writes here is rebuilt from the store at will, readers see the old or the whole new
         file either way, and the flush of a 440 MB task vector took 0.8 s, as long as its rebuild
         (a crash right after a write may then leave an empty file, which fails to open loudly).
+    plan : sequence of (str, tuple of int, torch.dtype), optional
+        The name, shape and dtype of every tensor ``tensors`` will yield, in that order. With
+        it, files are written as the tensors come, each one's bytes on a writer thread while the
+        next is made, holding at most three tensors; shards are cut where they would be without
+        it. Without it, a whole file's tensors are held until that file is written.
 
     Returns
     -------
@@ -77,8 +100,8 @@ def save_checkpoint(
     Raises
     ------
     InvalidInputError
-        On a bad name, duplicate name, unsupported dtype, bad ``max_shard_bytes`` or
-        ``metadata``, or no tensors at all.
+        On a bad name, duplicate name, unsupported dtype, bad ``max_shard_bytes``, ``metadata``
+        or ``plan``, a tensor other than the plan's next one, or no tensors at all.
     """
     path = Path(path)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
@@ -86,6 +109,7 @@ def save_checkpoint(
             f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}; pass e.g. 2 * 1024**3."
         )
     header_metadata = {"format": "pt", **_check_metadata(metadata)}
+    plan = _check_plan(plan)
     if path.suffix in PICKLE_SUFFIXES:
         raise InvalidInputError(
             f"cannot save to {str(path)!r}: tvbase writes safetensors only, never pickle; "
@@ -93,10 +117,10 @@ def save_checkpoint(
         )
     if path.suffix == ".safetensors":
         path.parent.mkdir(parents=True, exist_ok=True)
-        shard = dict(_saveable(tensors))
-        if not shard:
+        shard = next(_shards(tensors, None, header_metadata, plan), None)  # one file whatever its size
+        if shard is None:
             raise _no_tensors(path)
-        write_atomic(path, lambda temp: save_file(shard, temp, metadata=header_metadata), durable)
+        write_atomic(path, shard.write, durable)
         return [path]
     if path.exists() and not path.is_dir():
         raise InvalidInputError(
@@ -104,7 +128,7 @@ def save_checkpoint(
             "give a directory, or a path ending in .safetensors."
         )
     path.mkdir(parents=True, exist_ok=True)
-    return _save_sharded(tensors, path, max_shard_bytes, header_metadata, metadata or {}, durable)
+    return _save_sharded(_shards(tensors, max_shard_bytes, header_metadata, plan), path, metadata or {}, durable)
 
 
 # --- saving --------------------------------------------------------------------------------------------
@@ -123,8 +147,9 @@ def _check_metadata(metadata: object) -> dict[str, str]:
     return dict(metadata)
 
 
-def _saveable(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Validate names and yield each tensor as a dense, contiguous CPU tensor owning its storage."""
+def _saveable(tensors: Iterable[tuple[str, torch.Tensor]], own_storage: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Validate names and yield each tensor as a dense, contiguous CPU tensor, owning its storage
+    if ``own_storage`` (what ``save_file`` needs; a streamed file takes any tensor's bytes)."""
     seen, storages = set(), set()
     for item in tensors:
         if not (isinstance(item, tuple) and len(item) == 2):
@@ -152,6 +177,9 @@ def _saveable(tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str
                 f"one of {', '.join(sorted(str(d) for d in _TORCH_TO_SAFETENSORS))}; convert it first."
             )
         tensor = tensor.detach().to("cpu").contiguous()
+        if not own_storage:
+            yield name, tensor
+            continue
         # safetensors refuses tensors sharing storage (tied weights) and a view would drag its
         # whole storage along, so give such tensors storage of their own.
         storage = tensor.untyped_storage()
@@ -167,39 +195,118 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def _save_sharded(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    directory: Path,
-    max_shard_bytes: int,
-    header_metadata: dict[str, str],
-    index_metadata: dict[str, str],
-    durable: bool,
-) -> list[Path]:
+class _Shard:
+    """One file to write: its tensor names and bytes, and ``write(path)``, which writes it."""
+
+    def __init__(self, names: list[str], nbytes: int, write):
+        self.names, self.nbytes, self.write = names, nbytes, write
+
+
+def _shards(tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int | None,
+            header_metadata: dict[str, str], plan: list[tuple[str, tuple[int, ...], torch.dtype]] | None) -> Iterator[_Shard]:
+    """The files of a checkpoint, in order; each must be written before the next is asked for.
+
+    A new file starts where adding a tensor would pass ``max_shard_bytes`` (None: one file), so a
+    single larger tensor gets a file of its own.
+    """
+    items = _saveable(tensors, own_storage=plan is None)
+    if plan is None:  # the tensors of a file are held until it is written
+        shard, nbytes = {}, 0
+        for name, tensor in items:
+            if shard and max_shard_bytes is not None and nbytes + tensor.nbytes > max_shard_bytes:
+                yield _Shard(list(shard), nbytes, partial(save_file, shard, metadata=header_metadata))
+                shard, nbytes = {}, 0
+            shard[name] = tensor
+            nbytes += tensor.nbytes
+        if shard:
+            yield _Shard(list(shard), nbytes, partial(save_file, shard, metadata=header_metadata))
+        return
+    groups, nbytes = [], 0
+    for spec in plan:
+        size = _nbytes(spec)
+        if not groups or (max_shard_bytes is not None and nbytes + size > max_shard_bytes):
+            groups.append([])
+            nbytes = 0
+        groups[-1].append(spec)
+        nbytes += size
+    for i, group in enumerate(groups):
+        last = i == len(groups) - 1
+        write = partial(_stream_file, group=group, items=items, header_metadata=header_metadata, last=last)
+        yield _Shard([name for name, _, _ in group], sum(map(_nbytes, group)), write)
+
+
+def _stream_file(path, group, items, header_metadata, last):
+    """Write the tensors of ``group`` (a plan's part) to ``path`` as ``items`` yields them: the
+    header first, then each tensor's bytes on a writer thread while the next one is made."""
+    header, offset = {"__metadata__": header_metadata}, 0
+    for name, shape, dtype in group:
+        header[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + _nbytes((name, shape, dtype))]}
+        offset = header[name]["data_offsets"][1]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as file, ThreadPoolExecutor(1, thread_name_prefix="tvbase-save") as writer:
+        file.write(struct.pack("<Q", len(text)) + text)
+        pending = deque()  # writes in flight, in order: at most two tensors wait for the disk
+        for spec in group:
+            item = next(items, None)
+            if item is None:
+                raise InvalidInputError(f"the tensors ended before {spec[0]!r}, which the plan of the checkpoint lists")
+            name, tensor = item
+            if (name, tuple(tensor.shape), tensor.dtype) != spec:
+                raise InvalidInputError(
+                    f"tensor {name!r} {tuple(tensor.shape)} {tensor.dtype} is not the plan's next one, "
+                    f"{spec[0]!r} {spec[1]} {spec[2]}: the plan must list every tensor, in order"
+                )
+            pending.append(writer.submit(file.write, tensor.reshape(-1).view(torch.uint8).numpy()))
+            if len(pending) > 2:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+    if last and next(items, None) is not None:
+        raise InvalidInputError("more tensors came than the plan of the checkpoint lists")
+
+
+def _nbytes(spec) -> int:
+    _, shape, dtype = spec
+    return math.prod(shape) * dtype.itemsize
+
+
+def _check_plan(plan) -> list[tuple[str, tuple[int, ...], torch.dtype]] | None:
+    """The plan as a list of (name, shape, dtype), or None where files cannot be streamed (no
+    plan, or a big-endian machine: safetensors files are little-endian)."""
+    if plan is None or sys.byteorder != "little":
+        return None
+    checked, seen = [], set()
+    for spec in plan:
+        ok = isinstance(spec, (tuple, list)) and len(spec) == 3
+        name, shape, dtype = spec if ok else (None, None, None)
+        ok = ok and isinstance(name, str) and name and name != "__metadata__" and name not in seen
+        ok = ok and isinstance(shape, (tuple, list, torch.Size)) and all(isinstance(d, int) and d >= 0 for d in shape)
+        if not (ok and dtype in _TORCH_TO_SAFETENSORS):
+            raise InvalidInputError(
+                f"bad plan entry {spec!r}: expected (unique tensor name, shape as a tuple of int, torch dtype "
+                "safetensors stores)"
+            )
+        seen.add(name)
+        checked.append((name, tuple(shape), dtype))
+    return checked
+
+
+def _save_sharded(shards: Iterator[_Shard], directory: Path, index_metadata: dict[str, str], durable: bool) -> list[Path]:
     # The shard count is unknown until the stream ends, so shards get temporary names first.
     token = uuid.uuid4().hex
-    temps, weight_maps = [], []
-    shard, shard_bytes, total_bytes = {}, 0, 0
-
-    def flush() -> None:
-        temp = directory / f".tvbase-{token}-{len(temps):05d}.safetensors.tmp"
-        temps.append(temp)
-        save_file(shard, temp, metadata=header_metadata)
-        if durable:
-            _fsync(temp)
-        weight_maps.append(list(shard))
-
+    temps, weight_maps, total_bytes = [], [], 0
     try:
-        for name, tensor in _saveable(tensors):
-            if shard and shard_bytes + tensor.nbytes > max_shard_bytes:
-                flush()
-                shard, shard_bytes = {}, 0
-            shard[name] = tensor
-            shard_bytes += tensor.nbytes
-            total_bytes += tensor.nbytes
-        if not shard:
+        for shard in shards:
+            temp = directory / f".tvbase-{token}-{len(temps):05d}.safetensors.tmp"
+            temps.append(temp)
+            shard.write(temp)
+            if durable:
+                _fsync(temp)
+            weight_maps.append(shard.names)
+            total_bytes += shard.nbytes
+        if not temps:
             raise _no_tensors(directory)
-        flush()
-        shard = {}  # release the last shard before renaming
     except BaseException:
         for temp in temps:
             temp.unlink(missing_ok=True)
