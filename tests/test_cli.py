@@ -393,3 +393,25 @@ def test_subprocess_exit_codes_and_no_traceback(cli_store, tmp_path):
     for key, (code, out, err) in results.items():
         assert err.startswith("tvbase: error: "), (key, err)
         assert err.count("\n") <= 4 and out == "", key  # one message (plus the expression and caret)
+
+
+def test_the_tvbase_command_freezes_the_collector_before_the_interpreter_exits(tmp_path):
+    """``console_main`` (the installed ``tvbase``) skips the last collection at exit; ``main``,
+    which tests and benchmarks call in long-lived processes, does not freeze anything."""
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="console_scripts", name="tvbase")] == ["tvbase.cli:console_main"]
+    script = (
+        "import gc, sys\n"
+        "from tvbase.cli import console_main, main\n"
+        f"code = main(['ls', {str(tmp_path / 'none.tvb')!r}])\n"
+        "print(code, gc.get_freeze_count())\n"
+        f"sys.argv = ['tvbase', 'ls', {str(tmp_path / 'none.tvb')!r}]\n"
+        "code = console_main()\n"
+        "print(code, gc.get_freeze_count() > 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    first, second = done.stdout.split("\n")[:2]
+    assert first == f"{EXIT_CODES[NotFoundError]} 0", done.stderr
+    assert second == f"{EXIT_CODES[NotFoundError]} True", done.stderr
+    assert "tvbase: error:" in done.stderr
