@@ -239,9 +239,11 @@ def _stream_file(path, group, items, header_metadata, last):
     """Write the tensors of ``group`` (a plan's part) to ``path`` as ``items`` yields them: the
     header first, then each tensor's bytes on a writer thread while the next one is made."""
     header, offset = {"__metadata__": header_metadata}, 0
-    for name, shape, dtype in group:
-        header[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + _nbytes((name, shape, dtype))]}
-        offset = header[name]["data_offsets"][1]
+    for spec in group:
+        name, shape, dtype = spec
+        end = offset + _nbytes(spec)
+        header[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as file, ThreadPoolExecutor(1, thread_name_prefix="tvbase-save") as writer:
