@@ -31,7 +31,9 @@ this process instead, a child would carry this process's own high-water mark int
   (``get_over_raw_save``, goal <= 1); and against ``raw_load_s``, the same without the save
   (``get_over_raw_load``, reported: ``get`` still writes its file);
 - ``compose8_s`` of ``tvbase compose`` of 8 tasks (all T when T < 8) with mixed coefficients,
-  ``compose8_over_get``, goal <= 2;
+  ``compose8_over_get``, goal <= 2; ``get_s``, ``raw_load_s``, ``raw_save_s`` and ``compose8_s``
+  are medians of ``ROUNDS`` runs, the four commands alternating (``*_runs_s``: every run), as one
+  run of each moved by up to a third on a busy machine;
 - ``later_error_ratio``: the relative error (``tvbase ls --json``) of task T ingested by a second
   ``tvbase ingest`` after the first fit, divided by its error when the T + 1 tasks are ingested
   together into another store, at equal bytes (goal <= 1.1): at the default budget the joint
@@ -63,6 +65,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -93,6 +96,7 @@ GOALS = {  # figure -> (comparison, bound)
 }
 RATIOS = ("ingest_over_read_pass", "get_over_raw_save", "compose8_over_get", "later_error_ratio")
 COMPOSE_COEFFICIENTS = (0.7, -0.3, 0.5, 1.0, -1.0, 0.25, 0.4, -0.6)
+ROUNDS = 3  # get, the plain load (and save) and compose each run this many times, alternating: medians
 
 # -- layouts -------------------------------------------------------------------------------------
 # A tensor's kind says how its delta is drawn: "matrix" (low-rank shared + own + noise),
@@ -927,6 +931,17 @@ def _json_out(m: Measurement) -> dict | list | None:
         return None
 
 
+def _median_timed(runs: Sequence[Measurement], what: str):
+    """(median wall seconds, largest peak RSS, every run's wall seconds) of repeated
+    measurements of one command, or the first failed run's status record three times."""
+    for m in runs:
+        s = m.status(what)
+        if s is not None:
+            return s, s, s
+    walls = [m.wall_s for m in runs]
+    return statistics.median(walls), max(m.peak_rss_bytes for m in runs), walls
+
+
 def _timed(m: Measurement, what: str):
     """(wall seconds, peak RSS) of a measurement, or its status record twice."""
     s = m.status(what)
@@ -1033,35 +1048,32 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
     r.update(_info(runner, store, layout.name) if ingested else {"disk_storage": skip, "disk_bytes": skip})
 
     # get one task against the plain load of its task vector
+    # get one task against the plain load of its task vector, and compose 8 tasks (all of them
+    # when fewer): ROUNDS rounds, the commands alternating, each figure the median of its runs
     r["get_task"] = names[0]
-    if ingested:
-        out = work / "get.safetensors"
-        get = runner.tvbase("get", store, names[0], "-o", out, device=True)
-        r["get_s"], r["get_peak_rss_bytes"] = _timed(get, f"get {names[0]}")
-        out.unlink(missing_ok=True)
-    else:
-        r["get_s"] = r["get_peak_rss_bytes"] = skip
+    terms = names[:8]
+    r["compose_terms"], r["compose_expression"] = len(terms), compose_expression(terms)
+    runs = {"get": [], "raw_load": [], "raw_save": [], "compose8": []}
     runner.child("raw-load", zoo.base, tasks[names[0]])  # warm
-    raw = runner.child("raw-load", zoo.base, tasks[names[0]])
-    r["raw_load_s"], r["raw_load_peak_rss_bytes"] = _timed(raw, f"raw load of {names[0]}")
-    out = work / "raw.safetensors"
-    saved = runner.child("raw-load", zoo.base, tasks[names[0]], out)
-    out.unlink(missing_ok=True)
-    r["raw_save_s"], r["raw_save_peak_rss_bytes"] = _timed(saved, f"raw load and save of {names[0]}")
+    for _ in range(ROUNDS):
+        if ingested:
+            runs["get"].append(runner.tvbase("get", store, names[0], "-o", work / "get.safetensors", device=True))
+        runs["raw_load"].append(runner.child("raw-load", zoo.base, tasks[names[0]]))
+        runs["raw_save"].append(runner.child("raw-load", zoo.base, tasks[names[0]], work / "raw.safetensors"))
+        if ingested:
+            runs["compose8"].append(runner.tvbase("compose", store, r["compose_expression"], "-o", work / "compose.safetensors", device=True))
+        for name in ("get", "raw", "compose"):
+            (work / f"{name}.safetensors").unlink(missing_ok=True)
+    whats = {"get": f"get {names[0]}", "raw_load": f"raw load of {names[0]}",
+             "raw_save": f"raw load and save of {names[0]}", "compose8": f"compose of {len(terms)} tasks"}
+    for key, what in whats.items():
+        if runs[key]:
+            r[f"{key}_s"], r[f"{key}_peak_rss_bytes"], r[f"{key}_runs_s"] = _median_timed(runs[key], what)
+        else:
+            r[f"{key}_s"] = r[f"{key}_peak_rss_bytes"] = skip
     r["get_over_raw_load"] = ratio(r["get_s"], r["raw_load_s"])
     r["get_over_raw_save"] = ratio(r["get_s"], r["raw_save_s"])
     say(f"get {_fmt_s(r['get_s'])}, raw load {_fmt_s(r['raw_load_s'])}, raw load and save {_fmt_s(r['raw_save_s'])}")
-
-    # compose 8 tasks (all of them when fewer)
-    terms = names[:8]
-    r["compose_terms"], r["compose_expression"] = len(terms), compose_expression(terms)
-    if ingested:
-        out = work / "compose.safetensors"
-        comp = runner.tvbase("compose", store, r["compose_expression"], "-o", out, device=True)
-        r["compose8_s"], r["compose8_peak_rss_bytes"] = _timed(comp, f"compose of {len(terms)} tasks")
-        out.unlink(missing_ok=True)
-    else:
-        r["compose8_s"] = r["compose8_peak_rss_bytes"] = skip
     r["compose8_over_get"] = ratio(r["compose8_s"], r["get_s"])
     say(f"compose {len(terms)} {_fmt_s(r['compose8_s'])}")
 
@@ -1475,7 +1487,8 @@ def markdown(summary: dict, plot: str | None = None) -> str:
         f"a few hundred rows ({gen['moved_share']:.0%} of their energy); every delta's norm is {gen['rel_norm'][0]:.0%}-"
         f"{gen['rel_norm'][1]:.0%} of its weight's. Read pass: `safe_open` + `get_tensor` (bytes copied out) of the base and the T "
         "fine-tunes, page cache warm; raw load + save: one fine-tune and the base loaded and subtracted in fp32, the task vector "
-        "saved with `safetensors.torch.save_file` (the work `get` does, done plainly); raw load: the same without the save; later / joint error: the relative error of task T ingested by a second `tvbase ingest` / with the others in "
+        "saved with `safetensors.torch.save_file` (the work `get` does, done plainly); raw load: the same without the save; get, raw load, raw load + save and compose: the median of "
+        f"{ROUNDS} runs each, alternating; later / joint error: the relative error of task T ingested by a second `tvbase ingest` / with the others in "
         "one ingest, at equal bytes (the later ingest is repeated at the budget that gives the task the joint fit's bytes). "
         "✗ marks a missed goal.",
         "",

@@ -167,6 +167,9 @@ def test_quick_run_records_every_figure(quick):
     for key in scale.RATIOS:
         assert _positive_or_timeout(r[key]), (key, r[key])
     assert r["compose_terms"] == 2 and r["later_task"] == "t02"
+    for key in ("get", "raw_load", "raw_save", "compose8"):  # medians of alternating runs
+        if scale._is_number(r[f"{key}_s"]):
+            assert len(r[f"{key}_runs_s"]) == scale.ROUNDS and r[f"{key}_s"] == sorted(r[f"{key}_runs_s"])[scale.ROUNDS // 2]
     assert 0 < r["later_disk_share"] <= 0.03 * 1.05  # what the later ingest took on disk, within its budget
     if r["later_equal_bytes_budget"] != 0.03:  # ingested again for the joint fit's bytes: closer to them
         assert abs(r["later_equal_bytes_stored_bytes"] - r["joint_stored_bytes"]) < abs(r["later_stored_bytes"] - r["joint_stored_bytes"])
