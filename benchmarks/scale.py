@@ -1047,7 +1047,6 @@ def measure_layout(zoo: Zoo, n_tasks: int, runner: Runner, work: str | os.PathLi
     skip = r["ingest_s"] if not ingested else None
     r.update(_info(runner, store, layout.name) if ingested else {"disk_storage": skip, "disk_bytes": skip})
 
-    # get one task against the plain load of its task vector
     # get one task against the plain load of its task vector, and compose 8 tasks (all of them
     # when fewer): ROUNDS rounds, the commands alternating, each figure the median of its runs
     r["get_task"] = names[0]

@@ -307,6 +307,7 @@ def _save_sharded(shards: Iterator[_Shard], directory: Path, index_metadata: dic
                 _fsync(temp)
             weight_maps.append(shard.names)
             total_bytes += shard.nbytes
+        shard = None  # release the last file's tensors (unplanned, it holds them) before renaming
         if not temps:
             raise _no_tensors(directory)
     except BaseException:
