@@ -10,9 +10,9 @@ fine-tunes in two families whose task vectors are low rank plus noise):
    delay in [0, clean duration], as soon as the first new object lands in the repository
    (mid-write), as soon as a new snapshot file appears (between snapshot and branch update), or
    as soon as the branch moves (between commit and exit). After every kill the store must open
-   and verify, every task committed before must rebuild bit for bit, the interrupted operation
-   must be wholly there (equal to a clean run of it: ingest and compact are deterministic) or
-   wholly absent, and a new writer must succeed without manual cleanup.
+   and verify, every task committed before must rebuild as before (to ``READ_RTOL``), the
+   interrupted operation must be wholly there (equal to a clean run of it: ingest and compact are
+   deterministic) or wholly absent, and a new writer must succeed without manual cleanup.
 2. **Concurrency.** Reader processes open the store, rebuild and compose in a loop while one
    writer ingests, removes and compacts (two writers at once in one step). Every read records
    (version, what, a signature of the tensors: sums, norms, seeded random projections);
@@ -65,8 +65,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_MD = REPO_ROOT / "benchmarks" / "RESULTS.md"
 MARK_START, MARK_END = markers("reliability")
 
-# Everything runs on the CPU. Rebuilds made in this process are compared bit for bit (crash safety,
-# integrity); reads made by other processes under READ_RTOL (concurrency, see below).
+# Everything runs on the CPU. Rebuilds are compared under READ_RTOL (see below), whether made in
+# this process (crash safety) or by others (concurrency).
 DEVICE = "cpu"
 TVBASE = [sys.executable, "-m", "tvbase.cli"]
 
@@ -122,7 +122,7 @@ def make_store(path, zoo, ingests=(), removes=(), methods=None):
 # honest rebuilds at 1 and 2 threads differ by <= 3e-8 relative (Frobenius, per tensor); every
 # float32 rebuild with another summation order should stay within ~1e-6. A read from another
 # version differs far more: a compact refit moves a task's factorized tensors by 1e-2 to 1.5e-1
-# relative, a missing or extra task by ~1 (ingest and rm leave the other tasks' rebuilds
+# relative, a missing or extra task by ~1 (ingest and rm leave the other tasks' factors
 # bit-identical, so only such changes can show). 1e-4 sits two decades above the float noise
 # (1e-6) and two below the smallest real change (1e-2): it absorbs summation order and still
 # flags a read that took even one tensor from the wrong version.
@@ -202,14 +202,24 @@ def rebuild_all(path, at=None):
 
 
 def same_tensors(a, b):
-    """True when two {task: {tensor: tensor}} dicts hold the same tasks and bit-identical tensors."""
+    """True when two {task: {tensor: tensor}} dicts hold the same tasks, and tensors of equal
+    names, dtypes and shapes within ``READ_RTOL`` of each other (relative Frobenius): even in one
+    process, concurrent trials and MKL's dynamic threads run a product at other thread counts,
+    and one product over every factor of a matrix then sums in another order."""
     if sorted(a) != sorted(b):
         return False
-    return all(sorted(a[t]) == sorted(b[t]) and all(torch.equal(a[t][n], b[t][n]) for n in a[t]) for t in a)
+    return all(sorted(a[t]) == sorted(b[t]) and all(_close(a[t][n], b[t][n]) for n in a[t]) for t in a)
+
+
+def _close(x, y):
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    scale = float(y.double().norm())
+    return float((x.double() - y.double()).norm()) <= READ_RTOL * scale if scale else torch.equal(x, y)
 
 
 def differing(a, b):
-    """Names of tasks in both dicts whose rebuilds differ (bitwise)."""
+    """Names of tasks in both dicts whose rebuilds differ (beyond float rounding, ``READ_RTOL``)."""
     return sorted(t for t in set(a) & set(b) if not same_tensors({t: a[t]}, {t: b[t]}))
 
 
@@ -1157,7 +1167,7 @@ def markdown(summary):
         f"| kill trials (SIGKILL: random delay, mid-write, after snapshot write, after commit) | {c['trials']} trials, {c['killed']} killed, "
         f"{c['killed_and_survived']} of {c['killed']} kills survived ({c['committed']} committed, {c['rolled_back']} rolled back); "
         f"{c['died_holding_lock']} died holding the writer lock, taken over by the next writer |",
-        f"| data lost (a committed task missing or not bit-identical) | **{c['data_lost']}** |",
+        f"| data lost (a committed task missing or not rebuilt as before) | **{c['data_lost']}** |",
         f"| concurrent readers / reads / writer operations | {q['readers']} / {q['reads']} / {q['writer_operations']} "
         f"({q['versions_seen']} of {q['versions_committed']} versions seen by readers) |",
         f"| inconsistent reads (the version a read names does not give the same tensors, {tolerance}) | "

@@ -81,19 +81,7 @@ def _rebuild_base_rows(shape, terms, device, bf16_products=False):
 
     m, n = mshape
     out = out.reshape(m, n)
-    if bf16_products and _integer_codes(terms):
-        _add_bf16_products(out, terms, device)
-    else:
-        # products accumulate in place (addmm_): no m x n temporary per term
-        for shared, core_sum in _sum_per_basis(terms, "core", device):
-            U = dequantize(shared.U, device=device)  # (m, r_u)
-            V = dequantize(shared.V, device=device)  # (n, r_v)
-            out.addmm_(U @ core_sum, V.T)
-        lowrank = [(alpha, tt) for alpha, _, tt in terms if tt.A is not None]
-        if lowrank:
-            A = torch.cat([alpha * dequantize(tt.A, device=device) for alpha, tt in lowrank], dim=1)  # (m, sum q)
-            B = torch.cat([dequantize(tt.B, device=device) for _, tt in lowrank], dim=1)  # (n, sum q)
-            out.addmm_(A, B.T)
+    _add_products(out, terms, device, bf16=bf16_products and _integer_codes(terms))
     for alpha, _, tt in terms:
         if tt.rows is not None:  # rows kept whole: (n, s) columns added to rows row_ids
             ids = dequantize(tt.row_ids, device=device)[0].long()  # (s,)
@@ -118,28 +106,37 @@ def _integer_codes(terms):
 _PRODUCT_BLOCK_ENTRIES = 1 << 24
 
 
-def _add_bf16_products(out, terms, device):
-    """``out`` (m, n) float32 += every shared and low-rank term, as one product of bfloat16
-    operands ``left`` (m, k) @ ``right`` (k, n), decoded straight into them and formed by blocks
-    of rows."""
+def _add_products(out, terms, device, bf16=False):
+    """``out`` (m, n) float32 += every shared and low-rank term, as one product of operands
+    ``left`` (m, k) @ ``right`` (k, n) decoded straight into them: one pass over ``out`` instead of
+    one per term (a third faster on a 50257 x 768 embedding with 3 clusters and 8 tasks).
+
+    In float32 the product accumulates in place (``addmm_``: no m x n temporary); in bfloat16
+    (float32 accumulation) it is formed by blocks of rows and added."""
     bases = _sum_per_basis(terms, "core", device)  # [(basis, sum of alpha_t C_t (r_u, r_v))]
     lowrank = [(alpha, tt) for alpha, _, tt in terms if tt.A is not None]
-    k = sum(core_sum.shape[1] for _, core_sum in bases) + sum(tt.A.shape[1] for _, tt in lowrank)
+    k = sum(_folded_rank(shared) for shared, _ in bases) + sum(tt.A.shape[1] for _, tt in lowrank)
     if k == 0:
         return
     (m, n), col = out.shape, 0
-    left = torch.empty(m, k, dtype=torch.bfloat16, device=device)
-    right = torch.empty(k, n, dtype=torch.bfloat16, device=device)
-    for shared, core_sum in bases:
-        r = core_sum.shape[1]
-        left[:, col:col + r] = dequantize(shared.U, device=device) @ core_sum
-        right[col:col + r] = dequantize(shared.V, device=device).T
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    left = torch.empty(m, k, dtype=dtype, device=device)
+    right = torch.empty(k, n, dtype=dtype, device=device)
+    for shared, core_sum in bases:  # one basis's float32 factors alive at a time
+        L, R = _fold_core(shared, core_sum, device)
+        r = L.shape[1]
+        left[:, col:col + r] = L
+        right[col:col + r] = R.T
         col += r
+        del L, R
     for alpha, tt in lowrank:
         q = tt.A.shape[1]
         left[:, col:col + q] = dequantize(tt.A, device=device).mul_(alpha)
         right[col:col + q] = dequantize(tt.B, device=device).T
         col += q
+    if not bf16:
+        out.addmm_(left, right)
+        return
     step = max(1, _PRODUCT_BLOCK_ENTRIES // max(n, 1))
     for start in range(0, m, step):
         out[start:start + step] += left[start:start + step] @ right
@@ -166,8 +163,8 @@ def factor_tensor(shape, terms, device="cpu"):
     Returns
     -------
     (L, R) : torch.Tensor of shapes (m, k) and (n, k), float32, on ``device``; ``k`` is the sum
-    of the terms' ranks (a shared term's ``r_v`` per cluster, each low-rank term's ``q``, one per
-    row kept whole), not reduced. None for a tensor that is not a matrix, or whose terms include
+    of the terms' ranks (a shared term's ``r_u`` or ``r_v`` per cluster, whichever is cheaper,
+    each low-rank term's ``q``, one per row kept whole), not reduced. None for a tensor that is not a matrix, or whose terms include
     a seed basis (``S``: dense, no factors). Sparse residuals (random entries, no factors) are
     left out: the factors are those of the sum without them.
     """
@@ -177,8 +174,9 @@ def factor_tensor(shape, terms, device="cpu"):
     m, n = mshape
     lefts, rights = [torch.zeros(m, 0, device=device)], [torch.zeros(n, 0, device=device)]
     for shared, core_sum in _sum_per_basis(terms, "core", device):
-        lefts.append(dequantize(shared.U, device=device) @ core_sum)  # (m, r_v)
-        rights.append(dequantize(shared.V, device=device))  # (n, r_v)
+        left, right = _fold_core(shared, core_sum, device)
+        lefts.append(left)
+        rights.append(right)
     for alpha, _, tt in terms:
         if tt.A is not None:
             lefts.append(alpha * dequantize(tt.A, device=device))  # (m, q)
@@ -205,6 +203,27 @@ def svd_form(left, right):
     q_r, r_r = torch.linalg.qr(right.double())  # (n, k'), (k', k)
     u, s, vh = torch.linalg.svd(r_l @ r_r.T, full_matrices=False)  # (k', k')
     return q_l @ (u * s), q_r @ vh.T, s
+
+
+def _fold_core(shared, core_sum, device):
+    """``U @ core_sum @ V.T`` of one basis as factors ``(L (m, k), R (n, k))``, the core folded
+    into the side :func:`_core_into_u` picks: ``(U core, V)`` (``k = r_v``) or ``(U, V core^T)``
+    (``k = r_u``)."""
+    U = dequantize(shared.U, device=device)  # (m, r_u)
+    V = dequantize(shared.V, device=device)  # (n, r_v)
+    return (U @ core_sum, V) if _core_into_u(shared) else (U, V @ core_sum.T)
+
+
+def _core_into_u(shared):
+    """Whether ``(U core) V^T`` takes fewer multiplications than ``U (core V^T)``: on a
+    50257 x 768 embedding with ``r_u = r_v = 256``, the second saves a quarter of them."""
+    (m, r_u), (n, r_v) = shared.U.shape, shared.V.shape
+    return m * r_v * (r_u + n) <= n * r_u * (r_v + m)
+
+
+def _folded_rank(shared):
+    """``k`` of :func:`_fold_core`'s factors, known before decoding them."""
+    return shared.V.shape[1] if _core_into_u(shared) else shared.U.shape[1]
 
 
 def _sum_per_basis(terms, part, device):
