@@ -1,8 +1,11 @@
 """Rebuild task vectors (or weighted sums of them) from stored factors.
 
-Pure tensor functions: no I/O, no randomness, ``torch.no_grad()``. The store reads factors
-and hands them here one tensor at a time, so peak memory is one tensor plus its factors.
+Pure tensor functions: no I/O, nothing random (the probes of bfloat16 products are seeded),
+``torch.no_grad()``. The store reads factors and hands them here one tensor at a time, so peak
+memory is one tensor plus its factors.
 """
+
+import math
 
 import torch
 
@@ -11,15 +14,33 @@ from .codec.quantize import dequantize
 from .codec.sparse import checked_positions
 from .errors import IntegrityError
 
+# Reads may move a task's recorded relative error by at most this fraction through bfloat16
+# rounding. Rounding is noise of its own, adding to the fit's error in quadrature: a tensor whose
+# rounding is at most ``e * sqrt(2 * BF16_ERROR_SHARE)`` of its norm, for a task of recorded error
+# ``e``, moves ``e`` by at most BF16_ERROR_SHARE (:func:`bf16_tolerance`).
+BF16_ERROR_SHARE = 1e-3
+# The least relative rounding a bfloat16 product leaves (2**-8; measured 0.26-0.38% on GPT-2 and
+# BERT-base stores): below it a tolerance would send nearly every product back to float32.
+_BF16_FLOOR = 2.0**-8
+# Matrices of fewer entries multiply in float32: bfloat16 gains nothing measurable there, and the
+# rounding (whose per-column scale part has few degrees of freedom) can correlate with the fit's
+# error instead of adding to it in quadrature: it moved a task's error by 0.12% on the 1000 x 48
+# embedding of a test zoo, against 0.005-0.009% on GPT-2 small (benchmarks/RESULTS.md).
+_BF16_MIN_ENTRIES = 1 << 18
+_PROBES = 8  # seeded Gaussian probe vectors that measure a bfloat16 product's rounding ...
+_PROBE_ROWS = 1024  # ... on about this many of its rows, evenly spaced (all of a smaller matrix)
 
-# Reads multiply in bfloat16 only for tasks with at least this relative error: the rounding adds
-# about 0.4% of a tensor's norm (measured on BERT-base shapes), which moves an error of 0.2 by 0.02%
-# and leaves what the store records as the task's error true.
-BF16_MIN_REL_ERROR = 0.2
+
+def bf16_tolerance(rel_errors):
+    """The largest relative rounding a tensor may take from bfloat16 products in a read of tasks
+    with these recorded errors (see ``BF16_ERROR_SHARE``), or None where bfloat16 could not meet
+    it: float32 products."""
+    tolerance = min(rel_errors, default=0.0) * math.sqrt(2 * BF16_ERROR_SHARE)
+    return tolerance if tolerance >= _BF16_FLOOR else None
 
 
 @torch.no_grad()
-def rebuild_tensor(shape, terms, device="cpu", bf16_products=False):
+def rebuild_tensor(shape, terms, device="cpu", bf16_tolerance=None):
     """Rebuild ``sum_k alpha_k * tau_k`` for one tensor, combining coefficients first.
 
     Parameters
@@ -30,14 +51,16 @@ def rebuild_tensor(shape, terms, device="cpu", bf16_products=False):
         ``alpha`` : float, the task's coefficient; ``shared`` : SharedBasis or None, the basis of
         the task's cluster for this tensor; ``task_tensor`` : TaskTensor.
     device : str or torch.device
-    bf16_products : bool, default False
+    bf16_tolerance : float or None, default None (float32 products)
         Multiply the factors of a matrix in bfloat16 (float32 accumulation) where every factor
-        holds integer codes of at most 8 bits: the codes are exact in bfloat16, and rounding the
-        scales and the product adds a relative 2**-9 per entry, a few percent of what 8-bit codes
-        already lose, while AMX and tensor cores multiply 6-14x faster (benchmarks/RESULTS.md).
-        Reads ask for it where the device has such units (:func:`tvbase.devices.bf16_products`)
-        and every task's recorded error is at least ``BF16_MIN_REL_ERROR``; the fit does not (its
-        error bookkeeping subtracts nearly equal sums).
+        holds integer codes of at most 8 bits, and keep the result where its rounding, measured
+        on seeded probe vectors against the float32 factors, is at most this fraction of the
+        product's norm; else multiply again in float32. The codes are exact in bfloat16; rounding
+        the scales and the product adds a relative 2**-9 per entry, while AVX-512 BF16, AMX and
+        tensor cores multiply 4-14x faster (benchmarks/RESULTS.md). Reads pass
+        :func:`bf16_tolerance` of the tasks' recorded errors where the device has such units
+        (:func:`tvbase.devices.bf16_products`); the fit does not (its error bookkeeping
+        subtracts nearly equal sums).
 
     Returns
     -------
@@ -51,7 +74,7 @@ def rebuild_tensor(shape, terms, device="cpu", bf16_products=False):
     one product per cluster whatever the number of terms. Per-task low-rank terms are stacked
     into a single ``[alpha_t A_t] @ [B_t]^T`` product.
     """
-    return _add_new_rows(_rebuild_base_rows(shape, terms, device, bf16_products), terms, device)
+    return _add_new_rows(_rebuild_base_rows(shape, terms, device, bf16_tolerance), terms, device)
 
 
 def _add_new_rows(out, terms, device):
@@ -68,11 +91,13 @@ def _add_new_rows(out, terms, device):
     return grown
 
 
-def _rebuild_base_rows(shape, terms, device, bf16_products=False):
+def _rebuild_base_rows(shape, terms, device, bf16_tolerance=None):
     numel = int(torch.Size(shape).numel())
-    out = torch.zeros(numel, device=device)  # flat; reshaped at the end
-    _add_seed_terms(out, terms, device)
     mshape = matrix_shape(shape)
+    out = torch.zeros(*(mshape or (numel,)), device=device)  # reshaped at the end
+    if mshape is not None:  # the products first, into zeros: a rejected bfloat16 one is redone alone
+        _add_products(out, terms, device, bf16_tolerance if _integer_codes(terms) else None)
+    _add_seed_terms(out.view(-1), terms, device)
     if mshape is None:
         for alpha, _, tt in terms:
             if tt.dense is not None:
@@ -80,8 +105,6 @@ def _rebuild_base_rows(shape, terms, device, bf16_products=False):
         return out.reshape(shape)
 
     m, n = mshape
-    out = out.reshape(m, n)
-    _add_products(out, terms, device, bf16=bf16_products and _integer_codes(terms))
     for alpha, _, tt in terms:
         if tt.rows is not None:  # rows kept whole: (n, s) columns added to rows row_ids
             ids = dequantize(tt.row_ids, device=device)[0].long()  # (s,)
@@ -102,44 +125,72 @@ def _integer_codes(terms):
     return all(q.bits <= 8 for q in factors)
 
 
-# entries of a bfloat16 product formed at a time: its temporary stays near 32 MiB whatever the matrix
-_PRODUCT_BLOCK_ENTRIES = 1 << 24
+# entries of a bfloat16 product formed at a time: the block of ``out`` (4 MiB) and its product
+# (2 MiB) stay in cache while the product is added (10% faster than 64 MiB blocks)
+_PRODUCT_BLOCK_ENTRIES = 1 << 20
 
 
-def _add_products(out, terms, device, bf16=False):
-    """``out`` (m, n) float32 += every shared and low-rank term, as one product of operands
-    ``left`` (m, k) @ ``right`` (k, n) decoded straight into them: one pass over ``out`` instead of
-    one per term (a third faster on a 50257 x 768 embedding with 3 clusters and 8 tasks).
+def _add_products(out, terms, device, bf16_tolerance=None):
+    """``out`` (m, n) float32, all zeros, += every shared and low-rank term, as one product of
+    operands ``left`` (m, k) @ ``right`` (k, n) decoded straight into them: one pass over ``out``
+    instead of one per term (a third faster on a 50257 x 768 embedding, 3 clusters, 8 tasks).
 
-    In float32 the product accumulates in place (``addmm_``: no m x n temporary); in bfloat16
-    (float32 accumulation) it is formed by blocks of rows and added."""
+    In float32 the product accumulates in place (``addmm_``: no m x n temporary). In bfloat16
+    (``bf16_tolerance`` given, at least ``_BF16_MIN_ENTRIES`` entries; float32 accumulation) it
+    is formed by blocks of rows and kept where its rounding, measured on up to ``_PROBE_ROWS``
+    evenly spaced rows ``S``, is within the tolerance: ``||(P_bf16 - P)[S] X|| <= tolerance
+    sqrt(p) ||P_bf16[S]||`` for seeded Gaussian probes ``X`` (n, p) (``E ||D X||^2 = p ||D||^2``),
+    ``P[S] X`` taken from the float32 factors at (|S| + n) k p multiplications; else ``out`` is
+    zeroed and the product formed in float32."""
     bases = _sum_per_basis(terms, "core", device)  # [(basis, sum of alpha_t C_t (r_u, r_v))]
     lowrank = [(alpha, tt) for alpha, _, tt in terms if tt.A is not None]
     k = sum(_folded_rank(shared) for shared, _ in bases) + sum(tt.A.shape[1] for _, tt in lowrank)
     if k == 0:
         return
-    (m, n), col = out.shape, 0
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    m, n = out.shape
+    if bf16_tolerance is not None and m * n >= _BF16_MIN_ENTRIES:
+        probes = torch.randn(n, _PROBES, generator=torch.Generator(device).manual_seed(0), device=device)
+        rows = slice(None, None, max(1, m // _PROBE_ROWS))
+        left, right, exact = _operands(out.shape, bases, lowrank, k, torch.bfloat16, device, (rows, probes))
+        step = max(1, _PRODUCT_BLOCK_ENTRIES // max(n, 1))
+        for start in range(0, m, step):
+            out[start:start + step] += left[start:start + step] @ right
+        del left, right
+        sampled = out[rows]
+        rounding = float(torch.linalg.norm(sampled @ probes - exact))
+        if rounding <= bf16_tolerance * _PROBES**0.5 * float(torch.linalg.norm(sampled)):
+            return
+        out.zero_()
+    left, right, _ = _operands(out.shape, bases, lowrank, k, torch.float32, device)
+    out.addmm_(left, right)
+
+
+def _operands(shape, bases, lowrank, k, dtype, device, probe=None):
+    """``(left (m, k), right (k, n), exact)`` of dtype ``dtype``: every basis's folded factors,
+    then every task's ``alpha A``, ``B^T``. With ``probe = (rows, X)`` (a slice of rows, X (n, p)),
+    ``exact`` is ``(left @ right)[rows] @ X`` from the float32 factors; else None."""
+    (m, n), col = shape, 0
     left = torch.empty(m, k, dtype=dtype, device=device)
     right = torch.empty(k, n, dtype=dtype, device=device)
-    for shared, core_sum in bases:  # one basis's float32 factors alive at a time
-        L, R = _fold_core(shared, core_sum, device)
+    exact = None
+    if probe is not None:
+        rows, probes = probe
+        exact = torch.zeros(len(range(m)[rows]), probes.shape[1], device=device)
+
+    def put(L, R):  # L (m, r), R (n, r) float32
+        nonlocal col
         r = L.shape[1]
         left[:, col:col + r] = L
         right[col:col + r] = R.T
+        if exact is not None:
+            exact.addmm_(L[rows], R.T @ probes)
         col += r
-        del L, R
+
+    for shared, core_sum in bases:  # one basis's float32 factors alive at a time
+        put(*_fold_core(shared, core_sum, device))
     for alpha, tt in lowrank:
-        q = tt.A.shape[1]
-        left[:, col:col + q] = dequantize(tt.A, device=device).mul_(alpha)
-        right[col:col + q] = dequantize(tt.B, device=device).T
-        col += q
-    if not bf16:
-        out.addmm_(left, right)
-        return
-    step = max(1, _PRODUCT_BLOCK_ENTRIES // max(n, 1))
-    for start in range(0, m, step):
-        out[start:start + step] += left[start:start + step] @ right
+        put(dequantize(tt.A, device=device).mul_(alpha), dequantize(tt.B, device=device))
+    return left, right, exact
 
 
 def _sparse_positions(numel, tt, device="cpu"):

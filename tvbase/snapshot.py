@@ -65,12 +65,12 @@ class Snapshot:
         order of the dict.
         """
         from .devices import bf16_products  # torch: loaded by the first rebuild, not by ls/info/log
-        from .reconstruct import BF16_MIN_REL_ERROR, rebuild_tensor
+        from .reconstruct import bf16_tolerance, rebuild_tensor
 
-        # bfloat16 products only where every task's recorded error dwarfs their rounding
-        coarse = all((self.meta["tasks"][t].get("rel_error") or 0.0) >= BF16_MIN_REL_ERROR for t in coefficients)
-        terms = self._terms(name, coefficients)
-        return rebuild_tensor(self.shapes[name], terms, device=device, bf16_products=coarse and bf16_products(device))
+        # bfloat16 products only where their rounding keeps every task's recorded error true
+        errors = [self.meta["tasks"][t].get("rel_error") or 0.0 for t in coefficients]
+        tolerance = bf16_tolerance(errors) if bf16_products(device) else None
+        return rebuild_tensor(self.shapes[name], self._terms(name, coefficients), device=device, bf16_tolerance=tolerance)
 
     def factors(self, name, coefficients, device):
         """The same sum for a matrix as factors ``(L (m, k), R (n, k))`` with ``L @ R.T`` equal to
