@@ -71,8 +71,8 @@ def rebuild_tensor(shape, terms, device="cpu", bf16_tolerance=None):
     Notes
     -----
     Tasks of one cluster share ``U`` and ``V``, so ``sum alpha_t U C_t V^T = U (sum alpha_t C_t) V^T``:
-    one product per cluster whatever the number of terms. Per-task low-rank terms are stacked
-    into a single ``[alpha_t A_t] @ [B_t]^T`` product.
+    one term per cluster whatever the number of tasks. Those terms and every task's low-rank
+    ``alpha_t A_t B_t^T`` are stacked into a single product per matrix.
     """
     return _add_new_rows(_rebuild_base_rows(shape, terms, device, bf16_tolerance), terms, device)
 
@@ -215,9 +215,10 @@ def factor_tensor(shape, terms, device="cpu"):
     -------
     (L, R) : torch.Tensor of shapes (m, k) and (n, k), float32, on ``device``; ``k`` is the sum
     of the terms' ranks (a shared term's ``r_u`` or ``r_v`` per cluster, whichever is cheaper,
-    each low-rank term's ``q``, one per row kept whole), not reduced. None for a tensor that is not a matrix, or whose terms include
-    a seed basis (``S``: dense, no factors). Sparse residuals (random entries, no factors) are
-    left out: the factors are those of the sum without them.
+    each low-rank term's ``q``, one per row kept whole), not reduced. None for a tensor that is
+    not a matrix, or whose terms include a seed basis (``S``: dense, no factors). Sparse
+    residuals (random entries, no factors) are left out: the factors are those of the sum
+    without them.
     """
     mshape = matrix_shape(shape)
     if mshape is None or any(tt.coef is not None for _, _, tt in terms):
