@@ -631,6 +631,12 @@ def console_main():
     processes.
     """
     code = main()
+    if code:
+        # A failed command leaves cycles (its exception's frames and the generators and stores
+        # they hold): collect them while everything they use is alive. Left frozen to the
+        # interpreter's exit, about one `get` in 25 on a damaged store aborted (SIGABRT) instead
+        # of exiting 6; none in 50 with this collection.
+        gc.collect()
     gc.freeze()
     return code
 
