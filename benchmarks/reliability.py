@@ -59,6 +59,7 @@ import torch
 from safetensors.torch import load_file
 
 from tvbase.bench.report import markers, replace_section
+from tvbase.testing.metrics import relative_error
 from tvbase.testing.zoo import SyntheticZoo, build_synthetic_zoo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -212,10 +213,7 @@ def same_tensors(a, b):
 
 
 def _close(x, y):
-    if x.dtype != y.dtype or x.shape != y.shape:
-        return False
-    scale = float(y.double().norm())
-    return float((x.double() - y.double()).norm()) <= READ_RTOL * scale if scale else torch.equal(x, y)
+    return x.dtype == y.dtype and x.shape == y.shape and relative_error(x, y) <= READ_RTOL
 
 
 def differing(a, b):
