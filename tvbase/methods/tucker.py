@@ -62,6 +62,11 @@ PEAK_TENSOR_COPIES = 12
 # two 1.08x (benchmarks/RESULTS.md, "A task added later").
 JOINED_RESIDUAL_CAP = 2
 
+# Columns of a range sketch per rank it must find: one plain (the rank's worth keeps full-rank
+# fits exact) and two power-iterated. On the 0.1.0 comparison's zoo, twice the rank half and
+# half had 4.4% more error than exact bases, three times 1.5% (ingest 47 s -> 66 s).
+SKETCH_COLUMNS_PER_RANK = 3
+
 # Sparse residuals cover matrices with both sides at least this long. Their random entries'
 # noise reaches each output summed over a whole row of inputs, so it averages out in wide
 # layers: at 0.25% they raised the MiniLM zoo's worst task from 0.94 to 0.97 (sides 384-1536),
@@ -501,13 +506,13 @@ class _Fit:
     def _range_widths(self, name):
         """Columns of the range sketches of a matrix, ``(l_u, l_v)``; ``None`` for a side that
         a sketch would cover whole (then the side is used as it is). Sized for the largest
-        cluster possible, all tasks, at twice the largest rank: a budget often keeps ranks near
-        ``max_rank``, and there a sketch only a quarter wider than the rank lost a tenth of the
-        accuracy the exact bases give (benchmarks/RESULTS.md, the 0.1.0 comparison)."""
+        cluster possible, all tasks, at ``SKETCH_COLUMNS_PER_RANK`` times the largest rank: a
+        budget often keeps ranks near ``max_rank``, where the sketch must find the leading
+        directions of a nearly flat tail (benchmarks/RESULTS.md, the 0.1.0 comparison)."""
         m, n = self.matrices[name]
         k = len(self.tasks)
         ru, rv = min(m, k * n, self.p.max_rank), min(n, k * m, self.p.max_rank)
-        l_u, l_v = 2 * ru, 2 * rv
+        l_u, l_v = SKETCH_COLUMNS_PER_RANK * ru, SKETCH_COLUMNS_PER_RANK * rv
         return (l_u if l_u < m else None), (l_v if l_v < n else None)
 
     def _summed_range(self, side, group, name):
@@ -722,22 +727,23 @@ def _range_sketches(x, i, j, widths, seed):
     (fit, matrix, task). Summed over a cluster they sketch the ranges of the cluster's task
     vectors side by side, so the scan's read serves the shared bases too.
 
-    Half of each sketch's columns are plain, ``X_t Omega_t``: they keep every direction of a
-    matrix of rank up to half the width, however weak. The other half come after one power
-    iteration, ``(X_t X_t^T) X_t Omega'_t / ||X_t||^2``, which weighs directions by the cube of
-    their singular values and so leans to the leading ones rather than the flat tail (noise).
-    Plain sketches alone had 4-10% more error than exact bases on the 0.1.0 comparison's zoo
-    (benchmarks/RESULTS.md); a power-iterated one alone loses weak directions to float32
-    rounding, so that full-rank fits stop being exact."""
+    A third of each sketch's columns (the largest rank) are plain, ``X_t Omega_t``: they keep
+    every direction of a matrix of that rank, however weak, so full-rank fits stay exact. The
+    others come after one power iteration, ``(X_t X_t^T) X_t Omega'_t / ||X_t||^2``, which
+    weighs directions by the cube of their singular values and so leans to the leading ones
+    rather than the flat tail (noise); alone they lose weak directions to float32 rounding.
+    Measured on the 0.1.0 comparison's zoo (benchmarks/RESULTS.md), mean error against exact
+    bases: plain sketches at twice the rank +6.6%, half plain and half powered +4.4%, this
+    +1.5%."""
     l_u, l_v = widths
     gen = torch.Generator(device=x.device).manual_seed(_seed(seed, i, j))
     m, n = x.shape
     energy = x.square().sum().clamp_min(torch.finfo(x.dtype).tiny)
 
     def sketch(a, width):  # a (rows, cols) -> (rows, width)
-        half = width // 2
-        plain = a @ torch.randn(a.shape[1], width - half, generator=gen, device=x.device)
-        powered = a @ (a.T @ (a @ torch.randn(a.shape[1], half, generator=gen, device=x.device))) / energy
+        n_plain = width // SKETCH_COLUMNS_PER_RANK
+        plain = a @ torch.randn(a.shape[1], n_plain, generator=gen, device=x.device)
+        powered = a @ (a.T @ (a @ torch.randn(a.shape[1], width - n_plain, generator=gen, device=x.device))) / energy
         return torch.cat([plain, powered], dim=1)
 
     return (sketch(x, l_u) if l_u is not None else None), (sketch(x.T, l_v) if l_v is not None else None)
@@ -766,8 +772,10 @@ def _project_item(x, mshape, ranges, device):
     Q_U, Q_V = (None if q is None else q.to(x.device) for q in ranges)
     left = x if Q_U is None else Q_U.T @ x  # (l_u, n)
     right = x if Q_V is None else x @ Q_V  # (m, l_v)
-    gram_u = left.double() @ left.double().T  # (l_u, l_u)
-    gram_v = right.double().T @ right.double()  # (l_v, l_v)
+    left64, right64 = left.double(), right.double()  # one copy each: a side taken whole is the matrix
+    gram_u = left64 @ left64.T  # (l_u, l_u)
+    gram_v = right64.T @ right64  # (l_v, l_v)
+    del left64, right64
     return gram_u, gram_v, (left if Q_V is None else left @ Q_V)
 
 
