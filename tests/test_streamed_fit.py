@@ -15,6 +15,7 @@ import threading
 import tracemalloc
 
 import pytest
+import torch
 
 from tvbase import FitParams, Store
 from tvbase.codec import matrix_shape
@@ -184,3 +185,31 @@ def test_budget_refits_do_not_hold_every_fitted_factor_at_once(tmp_path, monkeyp
     factors = Store.open(tmp_path / "store").info()["factor_bytes"]
     assert factors > 10 * 2**20  # measured: 12.9 MiB, held whole by the old check (peak 20.8 MiB)
     assert peaks[0] < factors, f"the fit traced {peaks[0] / 2**20:.1f} MiB at its peak against {factors / 2**20:.1f} MiB of factors"
+
+
+def test_range_sketches_keep_weak_directions_of_the_largest_rank_and_lean_to_the_leading_ones():
+    gen = torch.Generator().manual_seed(0)
+    m, n, rank = 300, 200, 8
+    width = tucker.SKETCH_COLUMNS_PER_RANK * rank
+    u, _ = torch.linalg.qr(torch.randn(m, rank, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(n, rank, generator=gen))
+    # a matrix of the largest rank whose weakest direction is 1e-4 of its strongest: the plain
+    # third of the sketch keeps it, which power-iterated columns alone (1e-12) would round away
+    weak = (u * torch.logspace(0, -4, rank)) @ v.T
+    y, z = tucker._range_sketches(weak, 0, 0, (width, width), seed=0)
+    for sketch, basis in ((y, u), (z, v)):
+        q = torch.linalg.qr(sketch.double()).Q
+        missed = basis.double() - q @ (q.T @ basis.double())
+        assert float(torch.linalg.norm(missed[:, -1])) < 1e-2  # all power-iterated: 0.97
+    # a rank-8 part above flat noise: the sketch finds the leading directions far better than
+    # plain Gaussian columns of the same width (0.86-0.90 of them against 0.46-0.50 over seeds)
+    noisy = 20 * (u @ v.T) + torch.randn(m, n, generator=gen) * 0.5
+    top = torch.linalg.svd(noisy, full_matrices=False).U[:, :rank]
+    y, _ = tucker._range_sketches(noisy, 0, 0, (width, None), seed=0)
+    plain = noisy @ torch.randn(n, width, generator=gen)
+
+    def captured(s):
+        q = torch.linalg.qr(s).Q
+        return float(torch.linalg.norm(q.T @ top) ** 2 / rank)
+
+    assert captured(y) > captured(plain) + 0.2
