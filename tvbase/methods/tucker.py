@@ -807,23 +807,46 @@ def _residual_item(x, mshape, shared, q_max, rows, sparse, p, device):
 
 
 def _svd_candidate(e, q_max, p, device):
-    """The residual's truncated SVD at ``q_max``, quantized as stored, with the cost, captured
-    energy and exact error of every rank."""
+    """The residual's truncated SVD at ``q_max``, quantized as stored (``V`` rounded, the left
+    factor refitted to it: :func:`_refit`), with the cost, captured energy and exact error of
+    every rank."""
     m, n = e.shape
     bits = p.bits
     residual_energy = float(e.double().square().sum())
     if q_max == 0:
         return ("lowrank", np.zeros(1), np.zeros(1), np.array([residual_energy]), None, None)
     u, s, v = _truncated_svd(e, q_max, p.seed)
-    qa, qb = quantize((u * s).cpu(), bits), quantize(v.cpu(), bits)  # (m, q_max), (n, q_max)
-    A, B = dequantize(qa, device=device), dequantize(qb, device=device)
-    cross = ((A.T @ e) * B.T).sum(1).double()  # (q_max,): a_i^T E b_i
+    del u  # the left factor is refitted instead: one (m, q_max) copy fewer alive
+    qb = quantize(v.cpu(), bits)  # (n, q_max)
+    B = dequantize(qb, device=device)
+    EB = e @ B  # (m, q_max)
+    qa = quantize(_refit(EB, B), bits)  # (m, q_max): makes up for B's rounding
+    A = dequantize(qa, device=device)
+    cross = (A * EB).sum(0).double()  # (q_max,): a_i^T E b_i
     overlap = (A.T @ A).double() * (B.T @ B).double()  # (q_max, q_max)
     quadratic = torch.diagonal(torch.cumsum(torch.cumsum(overlap, 0), 1))  # (q_max,)
     error = np.concatenate([[residual_energy], (residual_energy - 2 * torch.cumsum(cross, 0) + quadratic).cpu().numpy()])
     gain = cumulative(s.double().square().cpu().numpy())
     cost = np.array([payload_nbytes(m, q, bits) + payload_nbytes(n, q, bits) for q in range(len(gain))], dtype=np.float64)
     return ("lowrank", cost, gain, error, qa, qb)
+
+
+def _refit(EB, B):
+    """``E B (B^T B)^-1`` (m, q) float32 on the CPU, from ``EB = E B`` (m, q): the left factor
+    of least squared error for the rounded right factor ``B`` (n, q) of a residual ``E``, so
+    that it makes up for ``B``'s rounding instead of adding its own to it (``U S`` rounded
+    apart from ``V`` does). ``B`` is ``V`` rounded, so ``B^T B`` is nearly the identity: it is
+    solved with unit columns, and a little ridge keeps a zero column solvable (its left column
+    is 0). Its first ``q`` columns, the factors of rank ``q``, stay better than rounding both
+    apart at every ``q`` (benchmarks/RESULTS.md, "Residual factors refitted to their rounded
+    partner"); it costs ``m q^2`` beside the ``m n q`` of ``E B``."""
+    norms = torch.linalg.vector_norm(B, dim=0).clamp_min(torch.finfo(B.dtype).tiny)  # (q,)
+    unit = B / norms
+    gram = (unit.T @ unit).double()  # (q, q), about the identity
+    gram += 1e-6 * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram)).float()
+    left = (EB / norms) @ inverse
+    return left.div_(norms).cpu()
 
 
 def _row_candidate(e, ids, bits, device):
