@@ -820,10 +820,11 @@ def _svd_candidate(e, q_max, p, device):
     qb = quantize(v.cpu(), bits)  # (n, q_max)
     B = dequantize(qb, device=device)
     EB = e @ B  # (m, q_max)
-    qa = quantize(_refit(EB, B), bits)  # (m, q_max): makes up for B's rounding
+    BtB = (B.T @ B).double()  # (q_max, q_max)
+    qa = quantize(_refit(EB, BtB), bits)  # (m, q_max): makes up for B's rounding
     A = dequantize(qa, device=device)
     cross = (A * EB).sum(0).double()  # (q_max,): a_i^T E b_i
-    overlap = (A.T @ A).double() * (B.T @ B).double()  # (q_max, q_max)
+    overlap = (A.T @ A).double() * BtB  # (q_max, q_max)
     quadratic = torch.diagonal(torch.cumsum(torch.cumsum(overlap, 0), 1))  # (q_max,)
     error = np.concatenate([[residual_energy], (residual_energy - 2 * torch.cumsum(cross, 0) + quadratic).cpu().numpy()])
     gain = cumulative(s.double().square().cpu().numpy())
@@ -831,20 +832,20 @@ def _svd_candidate(e, q_max, p, device):
     return ("lowrank", cost, gain, error, qa, qb)
 
 
-def _refit(EB, B):
-    """``E B (B^T B)^-1`` (m, q) float32 on the CPU, from ``EB = E B`` (m, q): the left factor
-    of least squared error for the rounded right factor ``B`` (n, q) of a residual ``E``, so
-    that it makes up for ``B``'s rounding instead of adding its own to it (``U S`` rounded
-    apart from ``V`` does). ``B`` is ``V`` rounded, so ``B^T B`` is nearly the identity: it is
-    solved with unit columns, and a little ridge keeps a zero column solvable (its left column
-    is 0). Its first ``q`` columns, the factors of rank ``q``, stay better than rounding both
-    apart at every ``q`` (benchmarks/RESULTS.md, "Residual factors refitted to their rounded
-    partner"); it costs ``m q^2`` beside the ``m n q`` of ``E B``."""
-    norms = torch.linalg.vector_norm(B, dim=0).clamp_min(torch.finfo(B.dtype).tiny)  # (q,)
-    unit = B / norms
-    gram = (unit.T @ unit).double()  # (q, q), about the identity
+def _refit(EB, BtB):
+    """``E B (B^T B)^-1`` (m, q) float32 on the CPU, from ``EB = E B`` (m, q) and ``BtB = B^T B``
+    (q, q) float64: the left factor of least squared error for the rounded right factor ``B``
+    (n, q) of a residual ``E``, so that it makes up for ``B``'s rounding instead of adding its own
+    to it (``U S`` rounded apart from ``V`` does). ``B`` is ``V`` rounded, so ``B^T B`` is nearly
+    diagonal: it is solved scaled to unit columns, and a little ridge keeps a zero column solvable
+    (its left column is 0). Its first ``q`` columns, the factors of rank ``q``, stay better than
+    rounding both apart at every ``q`` (benchmarks/RESULTS.md, "Residual factors refitted to their
+    rounded partner"); it costs ``m q^2`` beside the ``m n q`` of ``E B``."""
+    norms = torch.diagonal(BtB).sqrt().clamp_min(torch.finfo(torch.float32).tiny)  # (q,) column norms of B
+    gram = BtB / torch.outer(norms, norms)  # of unit columns: about the identity
     gram += 1e-6 * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram)).float()
+    norms = norms.float()
     left = (EB / norms) @ inverse
     return left.div_(norms).cpu()
 
