@@ -274,9 +274,14 @@ def _cli_child(argv, out_path, err_path):
     sys.argv = ["tvbase", *argv]
     from tvbase.cli import main
 
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's --help, --version and usage errors
+        code = e.code
+    code = 0 if code is None else code if isinstance(code, int) else 1
     sys.stdout.flush()
     sys.stderr.flush()
+    Path(f"{out_path[:-len('.stdout')]}.rc").write_text(str(code))  # see TvbaseProcess._forked_exitcode
     sys.exit(code)
 
 
@@ -293,6 +298,7 @@ class TvbaseProcess:
             self._tmp = tempfile.mkdtemp(prefix="tvbase-proc-")
             logs = Path(self._tmp) / "log"
         self.out_path, self.err_path = Path(f"{logs}.stdout"), Path(f"{logs}.stderr")
+        self.rc_path, self.killed = Path(f"{logs}.rc"), False
         if launcher == "exec":
             with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
                 self._proc = subprocess.Popen([*TVBASE, *args], stdout=out, stderr=err, env=_env())
@@ -307,9 +313,10 @@ class TvbaseProcess:
     def poll(self):
         if isinstance(self._proc, subprocess.Popen):
             return self._proc.poll()
-        return self._proc.exitcode
+        return self._forked_exitcode()
 
     def kill(self):
+        self.killed = True
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -319,7 +326,19 @@ class TvbaseProcess:
         if isinstance(self._proc, subprocess.Popen):
             return self._proc.wait(timeout)
         self._proc.join(timeout)
-        return self._proc.exitcode
+        return self._forked_exitcode()
+
+    def _forked_exitcode(self):
+        """The forked child's exit code. The fork server reports 255 when it loses the child's
+        status (CPython's popen_forkserver: "perhaps the forkserver process itself got killed");
+        the child then says for itself, in ``.rc``, how it ended, and no file after our SIGKILL
+        means the kill ended it. Without either, 255 stands and is reported as a failure."""
+        code = self._proc.exitcode
+        if code != 255:
+            return code
+        if self.rc_path.exists():
+            return int(self.rc_path.read_text())
+        return -signal.SIGKILL if self.killed else code
 
     def output(self):
         """(stdout, stderr) text."""

@@ -302,3 +302,23 @@ def test_report_rewrites_only_its_section(tmp_path):
     fresh = tmp_path / "NEW.md"
     rel.write_report(summary, tmp_path / "results", fresh)  # no section yet: appended
     assert rel.MARK_START in fresh.read_text()
+
+
+def test_forked_process_reports_its_own_exit_when_the_fork_server_loses_it(tmp_path):
+    """The fork server answers 255 when it loses a child's status; the harness then trusts the
+    child's own ``.rc`` file, or our SIGKILL, and keeps 255 (a reported failure) otherwise."""
+    proc = rel.TvbaseProcess(["--version"], launcher="fork", logs=tmp_path / "version")
+    assert proc.wait(120) == 0 and proc.rc_path.read_text() == "0"
+
+    class LostStatus:  # the finished process, as the fork server reports it when it loses the status
+        exitcode = 255
+
+        def join(self, timeout=None):
+            pass
+
+    proc._proc = LostStatus()
+    assert proc.poll() == 0  # what the child wrote
+    proc.rc_path.unlink()
+    assert proc.wait() == 255  # no word from the child, not killed by us: a failure
+    proc.killed = True  # as kill() records it (not sent: the pid may belong to another process by now)
+    assert proc.wait() == -9
