@@ -246,3 +246,23 @@ def test_compute_floor_counts_the_products_of_ingest_and_get(zoo, tmp_path):
     assert "| ingest |" in compute_floor.table(r, "cmd") and "| get |" in compute_floor.table(r, "cmd")
     with pytest.raises(SystemExit, match="lacks"):
         compute_floor.run(zoo.root, 99)
+
+
+def test_later_task_benchmark_compares_at_the_joint_fits_bytes(cache, zoo, tmp_path):
+    """``benchmarks.later_task`` on the tiny layout: the joint fit, then the later task at the
+    default budget and again at the joint fit's bytes, each method, written as JSON and markdown."""
+    from benchmarks import later_task
+
+    assert later_task.main(["--layout", "tiny", "--tasks", "3", "--methods", "tvbase", "svd", "--cache", str(cache),
+                            "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "later_task.json").read_text())
+    (joint,) = result["joint"]
+    assert joint["later_task"] == "t03" and joint["bytes"] > 0 and 0 < joint["rel_error"] < 1
+    rows = result["later"]
+    assert [(r["method"], r["kind"]) for r in rows] == [("tvbase", "projected")] * 2 + [("svd", "svd")] * 2
+    for default, equal in (rows[0:2], rows[2:4]):
+        assert default["budget"] == 0.03 and equal["budget"] != 0.03
+        assert abs(equal["bytes"] / joint["bytes"] - 1) < 0.05  # the budget that aimed at the joint fit's bytes
+        assert equal["error_ratio"] == pytest.approx(equal["rel_error"] / joint["rel_error"])
+    table = (tmp_path / "out" / "later_task.md").read_text()
+    assert table.count("| t03 |") == 5 and "joint fit" in table
