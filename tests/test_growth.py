@@ -15,12 +15,13 @@ from tvbase.testing.zoo import build_synthetic_zoo
 SHAPES = {"embed.weight": (1000, 48), "l0.weight": (96, 48), "l1.weight": (48, 96), "l2.weight": (64, 64), "norm.weight": (48,)}
 FIRST = {f"t{i}": i % 2 for i in range(6)}
 LATER = {"u0": 0, "u1": 1}  # one more task of each family
+OUTSIDER = {"v0": 2}  # a task of a family no stored cluster holds
 BUDGET = 0.1
 
 
 @pytest.fixture(scope="module")
 def growth_zoo(tmp_path_factory):
-    return build_synthetic_zoo(tmp_path_factory.mktemp("growth-zoo"), SHAPES, {**FIRST, **LATER}, seed=5, noise_scale=0.001)
+    return build_synthetic_zoo(tmp_path_factory.mktemp("growth-zoo"), SHAPES, {**FIRST, **LATER, **OUTSIDER}, seed=5, noise_scale=0.001)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,44 @@ def test_a_later_task_joins_its_familys_cluster_and_the_metadata_says_so(store, 
     assert store.verify()["ok"]
     # the two families' clusters are still the only ones: a later task writes no bases
     assert len(store.meta["clusters"]) == 2
+
+
+def test_a_later_task_keeps_a_core_only_where_it_beats_its_own_factors(tmp_path):
+    """A core on a stored basis costs its whole r_U x r_V. A later task that is one rank-1 change
+    in directions of its own gets little from a rank-24 basis for those bytes: at a budget that
+    buys about its rank-1 factors it is stored on its own, as a per-task SVD stores it (before,
+    a share of the budget bought every core it could pay for). A task of a stored family keeps
+    its cores (the tests above and below)."""
+    import torch
+    from safetensors.torch import save_file
+
+    zoo = build_synthetic_zoo(tmp_path / "zoo", {"w": (128, 128)}, {f"t{i}": 0 for i in range(4)}, seed=1, rank=24)
+    store = Store.create(tmp_path / "store", zoo.base, params=FitParams(budget=0.05))
+    store.ingest(zoo.tasks, device="cpu", progress=False)
+    gen = torch.Generator().manual_seed(2)
+    change = 0.05 * torch.randn(128, 1, generator=gen) @ torch.randn(1, 128, generator=gen)
+    save_file({"w": zoo.base_tensors["w"] + change}, tmp_path / "later.safetensors")
+    svd = Store.open(shutil.copytree(store.path, tmp_path / "svd"))
+    tight = FitParams(budget=0.01)
+    store.ingest({"x": tmp_path / "later.safetensors"}, params=tight, device="cpu", progress=False)
+    svd.ingest({"x": tmp_path / "later.safetensors"}, params=tight, device="cpu", progress=False, method="svd")
+    row = _rows(store)["x"]
+    assert row["kind"] == "svd" and row["cluster"] is None, row
+    assert row["rel_error"] == pytest.approx(_rows(svd)["x"]["rel_error"], rel=0.01) and row["rel_error"] < 0.2
+    assert row["rel_error"] == pytest.approx(relative_error(store.get("x", device="cpu"), {"w": change}), rel=1e-3)
+
+
+def test_an_outsider_task_is_stored_no_worse_than_on_its_own(store, growth_zoo, tmp_path):
+    """A task of no stored family, where small matrices' bases still capture some of it: each
+    matrix keeps the option that costs the task least, so it does no worse than a per-task SVD
+    at about the same bytes (here it keeps some cores and does better)."""
+    svd = Store.open(shutil.copytree(store.path, tmp_path / "svd"))
+    before = store.info()["factor_bytes"]
+    store.ingest({"v0": growth_zoo.tasks["v0"]}, device="cpu", progress=False)
+    svd.ingest({"v0": growth_zoo.tasks["v0"]}, device="cpu", progress=False, method="svd")
+    chosen, alone = _rows(store)["v0"], _rows(svd)["v0"]
+    assert _growth(store, before) <= 1.02 * _growth(svd, before)
+    assert chosen["rel_error"] <= alone["rel_error"] * 1.01, (chosen, alone)
 
 
 def test_a_projected_task_beats_a_per_task_svd_and_nears_the_joint_fit_at_equal_bytes(store, growth_zoo, tmp_path):

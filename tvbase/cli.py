@@ -376,7 +376,7 @@ def _add_fit_options(p, store_defaults=False):
     g.add_argument("--budget", help="stored bytes as a fraction of raw fp32 task vectors, e.g. 3%% or 0.03 (default 3%%)")
     g.add_argument("--rank", type=int, help="explicit rank for every matrix instead of a budget")
     g.add_argument("--residual-rank", type=int, help="with --rank: per-task residual rank on top of the shared fit")
-    g.add_argument("--residual-share", type=float, help="with --budget: share of the budget for per-task residuals (default 0.4)")
+    g.add_argument("--residual-share", type=float, help="with --budget: share of a shared fit's budget for per-task residuals (default 0.4)")
     g.add_argument("--sparse-share", type=float, help="with --budget: share of the budget for sparse residuals, what the "
                    "factors miss kept at seeded random entries (default 0.7)")
     g.add_argument("--bits", help="factor precision: int4 (default), int8, int2, fp16, fp32")

@@ -21,7 +21,8 @@ class FitParams:
     residual_rank : int
         With ``rank``: explicit per-task residual rank on top of the shared fit.
     residual_share : float
-        With ``budget``: fraction of the factor budget spent on per-task residuals.
+        With ``budget``: fraction of a shared fit's factor budget spent on per-task residuals
+        (a task added later weighs each core against its own factors instead).
     sparse_share : float
         With ``budget``: fraction of the factor budget spent first on sparse residuals: what the
         factors leave of each task's matrices (vocabulary matrices aside), kept at seeded random

@@ -100,10 +100,11 @@ METHODS = {
         ),
         Method(
             "project",
-            "tasks join the stored cluster whose bases capture them best: a core on its bases plus a per-task "
-            "low-rank residual (how tvbase grows a fitted store); a per-task SVD where no basis is stored",
+            "tasks join the stored cluster whose bases capture them best: a core on its bases where it beats the "
+            "task's own factors, plus a per-task low-rank residual (how tvbase grows a fitted store); a per-task "
+            "SVD where no basis is stored",
             "tvbase (this project): Tucker-2 cores on fixed bases (Tucker 1966) and a truncated SVD of the residual",
-            (*_SVD_PARAMS, "residual_share"),
+            _SVD_PARAMS,
             ".tucker:ProjectedTucker",
             joins_stored=True,
         ),

@@ -171,11 +171,13 @@ class PerTaskSVD(ClusterTucker):
 class ProjectedTucker(ClusterTucker):
     """Tasks added to a fitted store (how tvbase grows one until ``compact``): each task joins
     the stored cluster whose bases capture most of its energy, with a core ``C_t = U^T tau_t V``
-    on those bases for every matrix where the core is worth its bytes, plus a per-task low-rank
-    residual; the budget pays for the cores and residuals only, the bases being stored already.
-    A per-task SVD pays again for what a group of tasks shares: on GPT-2 small such a later task
-    had 1.26x the error of the same task fitted with the others at equal bytes
-    (benchmarks/RESULTS.md, "Scale"). Without stored bases every task gets a per-task SVD.
+    on those bases for every matrix where core and residual cost the task less than its own
+    factors (``_Fit._choose_cores``), plus a per-task low-rank residual; the budget pays for the
+    cores and residuals only, the bases being stored already. A per-task SVD pays again for
+    what a group of tasks shares: on GPT-2 small such a later task had 1.26x the error of the
+    same task fitted with the others at equal bytes (benchmarks/RESULTS.md, "Scale"); a core on
+    bases that hold little of the task pays for what it does not capture. Without stored bases
+    every task gets a per-task SVD.
 
     Parameters
     ----------
@@ -269,7 +271,7 @@ class _Fit:
             if shared:
                 self._fit_shared(labels, None)
             elif self.bases:
-                self._join(None)
+                self._join()
             rank = min(self.p.residual_rank if shared else self.p.rank, self.p.max_rank)
             self._lowrank_candidates(rank, shared)
             self._set_lowrank(uniform_ranks(self._lowrank_curves, rank))
@@ -313,8 +315,9 @@ class _Fit:
         n_rows = 3 * len(self.matrices) * len(self.tasks)  # core, A, B per task and matrix, at most
         payload_budget = (factors_allowed - n_rows * INDEX_ROW_DISK_BYTES) / self._probe_ratio
         spent = shared_disk = 0.0
-        if not shared and self.bases:  # cores on stored bases: fitted by the residual pass
-            spent = self._join(payload_budget * (1 - self.p.residual_share))
+        choose = not shared and bool(self.bases)
+        if choose:  # every core on stored bases a candidate: the residual pass fits them
+            self._join()
         if shared:
             shared_allowed = factors_allowed * (1 - self.p.residual_share)
             shared_budget = payload_budget * (1 - self.p.residual_share)
@@ -324,7 +327,9 @@ class _Fit:
                 if shared_allowed * (1 - _BUDGET_TOLERANCE) <= shared_disk <= shared_allowed:
                     break
                 shared_budget *= shared_allowed * (1 - _BUDGET_TOLERANCE / 2) / max(shared_disk, 1)  # aim mid-band
-        self._lowrank_candidates(self.p.max_rank, shared, rows=True)
+        self._lowrank_candidates(self.p.max_rank, shared, rows=True, choose=choose)
+        if choose:
+            spent = self._choose_cores(payload_budget)
         if self._joined:
             shared_disk = self._factors_on_disk()  # the cores: no per-task term is set yet
         residual_budget = payload_budget - spent
@@ -449,29 +454,82 @@ class _Fit:
                 totals[c] = totals.get(c, 0.0) + energy
         return max(sorted(totals), key=totals.get) if totals else None
 
-    def _join(self, budget):
-        """Choose the matrices whose core on the task's stored cluster is kept: all of them for
-        explicit ranks (``budget`` None), else those of most weighted captured energy per byte
-        that ``budget`` payload bytes pay for; each core is whole (the stored bases' ranks), as
-        a cluster's other tasks store theirs. A task left without a core is stored on its own.
-        Returns the payload bytes spent."""
-        keys, curves = [], []
+    def _join(self):
+        """Every matrix of every task with a stored basis in the task's nearest cluster that
+        captures some of it may keep a core on that basis: with explicit ranks all do, within a
+        budget :meth:`_choose_cores` keeps those that pay for themselves. Each core is whole
+        (the stored bases' ranks), as a cluster's other tasks store theirs."""
+        self._joined = {}
         for t in self.tasks:
             c = self.result.labels[t]
             for name in self.matrices:
                 basis = self.bases.get(c, {}).get(name)
-                captured = self._captured.get((t, name), {}).get(c, 0.0)
-                if basis is None or captured <= 0:
-                    continue
-                cost = payload_nbytes(basis.U.shape[1], basis.V.shape[1], self.p.bits)
-                keys.append((t, name, basis))
-                curves.append((np.array([0.0, cost]), np.array([0.0, captured * self._weight(t, name)])))
-        kept = [1] * len(curves) if budget is None else allocate_ranks(curves, budget)
-        self._joined = {(t, name): basis for (t, name, basis), k in zip(keys, kept) if k}
+                if basis is not None and self._captured.get((t, name), {}).get(c, 0.0) > 0:
+                    self._joined[t, name] = basis
+        self._label_unjoined()
+
+    def _label_unjoined(self):
+        """A task left without a core is stored on its own (label None)."""
         for t in self.tasks:
             if not any((t, name) in self._joined for name in self.matrices):
                 self.result.labels[t] = None
-        return float(sum(cost[k] for (cost, _), k in zip(curves, kept)))
+
+    def _choose_cores(self, budget):
+        """Keep a joining task's core on a matrix only where it beats the task's own factors
+        there, and return the payload bytes of the cores kept.
+
+        The residual pass fitted both options of each such matrix: the core plus a residual
+        against it, and the task's own factors. Which to keep is a knapsack with a choice per
+        matrix, solved by its Lagrangian: at a price ``lam`` per byte every candidate takes the
+        rank of least ``weight * error + lam * bytes``, and each matrix the option of least
+        total (the core's bytes added to its option); ``lam`` is the lowest price (bisected)
+        at which that plan fits ``budget``. A core pays for a basis that holds the task's
+        directions; one on bases that capture little of the task costs its whole
+        ``r_U x r_V`` for little: on the MiniLM zoo at 3%, later tasks had 1.09-1.13x the joint
+        fit's error at equal bytes with every core a share of the budget could buy, 1.01-1.07x
+        with this choice; on GPT-2 small 1.12x and 1.05x (only the 50257 x 768 embedding's core
+        dropped; benchmarks/RESULTS.md, "Which cores a later task keeps").
+        """
+        core_cost = {key: payload_nbytes(basis.U.shape[1], basis.V.shape[1], self.p.bits) for key, basis in self._joined.items()}
+        weighted = [self._weight(t, name) * error for (t, name, _, _), error in zip(self._candidates, self._lowrank_errors)]
+
+        def plan(lam):  # -> ({(t, name): keeps its core}, payload bytes)
+            worth, spent = {}, 0.0
+            for (t, name, _, _), option, (cost, _), error in zip(self._candidates, self._options, self._lowrank_curves, weighted):
+                values = error + lam * cost
+                best = int(np.argmin(values))
+                if option is None:
+                    spent += cost[best]
+                else:
+                    w, b = worth.get((t, name, option), (lam * core_cost[t, name], core_cost[t, name]) if option == "core" else (0.0, 0.0))
+                    worth[t, name, option] = (w + values[best], b + cost[best])
+            keeps = {key: worth[(*key, "core")][0] < worth[(*key, "own")][0] for key in core_cost}
+            return keeps, spent + sum(worth[(*key, "core" if keep else "own")][1] for key, keep in keeps.items())
+
+        keeps, spent = plan(0.0)
+        if spent > budget:  # bytes are scarce: the lowest price at which the plan fits
+            lo, hi = 1e-30, 1e30
+            for _ in range(60):
+                mid = math.sqrt(lo * hi)
+                lo, hi = (mid, hi) if plan(mid)[1] > budget else (lo, mid)
+            keeps, _ = plan(hi)
+        spent = 0.0
+        for (t, name), basis in list(self._joined.items()):
+            if keeps[t, name]:
+                spent += core_cost[t, name]
+                continue
+            del self._joined[t, name]
+            self.result.tasks[t][name].core = None
+            if self._sparse_mask(t, name) is not None:
+                self._spill.put_tensor(("sparse", t, name), self._spill.get_tensor(("sparse", t, name, "own")))
+        keep = [k for k, ((t, name, _, _), option) in enumerate(zip(self._candidates, self._options))
+                if option is None or (option == "core") == ((t, name) in self._joined)]
+        self._candidates = [self._candidates[k] for k in keep]
+        self._lowrank_curves = [self._lowrank_curves[k] for k in keep]
+        self._lowrank_errors = [self._lowrank_errors[k] for k in keep]
+        self._options = [None] * len(keep)
+        self._label_unjoined()
+        return spent
 
     def _dense_bytes(self):
         """Compressed bytes of every task's densely stored tensors (quantized by the scan)."""
@@ -614,7 +672,7 @@ class _Fit:
         core = self.result.tasks[task][name].core
         return None if basis is None or core is None else (basis, core.load())
 
-    def _lowrank_candidates(self, q_cap, shared, rows=False):
+    def _lowrank_candidates(self, q_cap, shared, rows=False, choose=False):
         """One read of every (task, matrix): the per-task low-rank candidates for every rank.
 
         The residual against the fitted shared part (the whole task without one) gets a
@@ -628,25 +686,37 @@ class _Fit:
         candidate of their own, taken out of the residual before its SVD: kept whole, largest
         first, they are allocated like ranks, and the two candidates' errors add up exactly
         because they cover disjoint rows.
+
+        With ``choose``, a matrix that may keep a core on a stored basis also gets the
+        candidates of the task's own factors, without the core (option "own"; the core's are
+        option "core"), for :meth:`_choose_cores`.
         """
         self._lowrank_keys = [(t, name) for t in self.tasks for name in self.matrices]
-        self._candidates, self._lowrank_curves, self._lowrank_errors = [], [], []
+        # (task, matrix, part, spill key), and which option of a matrix with a core to choose each is of
+        self._candidates, self._options, self._lowrank_curves, self._lowrank_errors = [], [], [], []
         bar = self._stage(self._stages, "residuals" if shared or self._joined else "per-task SVD")
         items = (
             ((t, name), (mshape, self._shared_term(t, name), min(*mshape, self._residual_cap(t, name, q_cap)), rows,
-                         self._sparse_mask(t, name), self.p, self._item_device))
+                         self._sparse_mask(t, name), self.p, self._item_device,
+                         min(*mshape, q_cap) if choose and (t, name) in self._joined else 0))
             for t, name in self._lowrank_keys for mshape in [self.matrices[name]]
         )
-        for (t, name), (core, candidates, sampled) in self.work.map(_residual_item, items):
+        for (t, name), (core, candidates, sampled, own) in self.work.map(_residual_item, items):
             if core is not None:  # fitted to a stored cluster's bases: on disk until written
                 self.result.tasks[t][name].core = self._spill.park(core)
-            if sampled is not None:
-                self._spill.put_tensor(("sparse", t, name), sampled)
-            for part, cost, gain, error, *factors in candidates:
-                self._candidates.append((t, name, part))
-                self._lowrank_curves.append((cost, gain * self._weight(t, name)))
-                self._lowrank_errors.append(np.maximum(error, 0.0))
-                self._spill.put((t, name, part), *factors)
+            options = [(None if own is None else "core", candidates, sampled)]
+            if own is not None:
+                options.append(("own", *own))
+            for option, option_candidates, option_sampled in options:
+                tag = () if option in (None, "core") else (option,)
+                if option_sampled is not None:
+                    self._spill.put_tensor(("sparse", t, name, *tag), option_sampled)
+                for part, cost, gain, error, *factors in option_candidates:
+                    self._candidates.append((t, name, part, (t, name, part, *tag)))
+                    self._options.append(option)
+                    self._lowrank_curves.append((cost, gain * self._weight(t, name)))
+                    self._lowrank_errors.append(np.maximum(error, 0.0))
+                    self._spill.put((t, name, part, *tag), *factors)
             bar.update(math.prod(self.matrices[name]))
 
     def _residual_cap(self, task, name, q_cap):
@@ -661,14 +731,14 @@ class _Fit:
         whole), and their errors."""
         for t, name in self._lowrank_keys:
             self.error[t, name] = 0.0
-        for (t, name, part), q, error in zip(self._candidates, ranks, self._lowrank_errors):
+        for (t, name, part, key), q, error in zip(self._candidates, ranks, self._lowrank_errors):
             tt = self.result.tasks[t][name]
             first, second = ("A", "B") if part == "lowrank" else ("rows", "row_ids")
             if q == 0:
                 setattr(tt, first, None)
                 setattr(tt, second, None)
             else:  # kept on disk until the store writes them, so memory does not grow with T
-                qa, qb = self._spill.get((t, name, part))
+                qa, qb = self._spill.get(key)
                 setattr(tt, first, self._spill.park(keep_columns(qa, q)))  # (m, q) or (n, q rows)
                 setattr(tt, second, self._spill.park(keep_columns(qb, q)))  # (n, q) or (1, q)
             self.error[t, name] += float(error[q])
@@ -779,21 +849,34 @@ def _project_item(x, mshape, ranges, device):
     return gram_u, gram_v, (left if Q_V is None else left @ Q_V)
 
 
-def _residual_item(x, mshape, shared, q_max, rows, sparse, p, device):
+def _residual_item(x, mshape, shared, q_max, rows, sparse, p, device, own_q_max=0):
     """Pass 3 on one task's matrix: the low-rank candidates of its residual against its shared
     term ``shared`` (``(basis, core)``, or None: the whole task), see
     :meth:`_Fit._lowrank_candidates`; a core of None is fitted here, on the basis (a task
-    joining a stored cluster). Returns ``(core, [(part, cost, gain, error, *factors)], sampled)``:
-    the core fitted here (quantized) or None, the gains not yet weighted, and the residual at the
-    entries of the sparse residual's mask ``sparse`` ((seed, threshold) or None), (k,) float32."""
-    e = _as_matrix(x, mshape, device)
-    device = e.device
-    fitted = None
+    joining a stored cluster). Returns ``(core, [(part, cost, gain, error, *factors)], sampled,
+    own)``: the core fitted here (quantized) or None, the gains not yet weighted, the residual at
+    the entries of the sparse residual's mask ``sparse`` ((seed, threshold) or None), (k,)
+    float32, and with ``own_q_max`` the candidates and samples of the whole task at rank up to
+    ``own_q_max`` (the option of no core), else None."""
+    x = _as_matrix(x, mshape, device)
+    fitted = own = None
     if shared is not None:
         basis, core = shared
         if core is None:
-            core = fitted = quantize(_core(e, basis)[0].cpu(), p.bits)
-        e = e - rebuild_tensor(mshape, [(1.0, basis, TaskTensor(core=core))], device=device)
+            core = fitted = quantize(_core(x, basis)[0].cpu(), p.bits)
+        e = x - rebuild_tensor(mshape, [(1.0, basis, TaskTensor(core=core))], device=x.device)
+        if own_q_max:
+            own = _residual_candidates(x, own_q_max, rows, sparse, p)
+        del x  # before the second SVD: one copy of the matrix fewer alive
+    else:
+        e = x
+    return (fitted, *_residual_candidates(e, q_max, rows, sparse, p), own)
+
+
+def _residual_candidates(e, q_max, rows, sparse, p):
+    """The candidates of a residual ``e`` (changed: its outlying rows zeroed) and its samples
+    for the sparse residual: ``([(part, cost, gain, error, *factors)], sampled)``."""
+    device = e.device
     sampled = None
     if sparse is not None:
         sampled = e.reshape(-1)[torch.from_numpy(positions(e.numel(), *sparse)).to(device)].cpu()
@@ -803,7 +886,7 @@ def _residual_item(x, mshape, shared, q_max, rows, sparse, p, device):
         candidates.append(_row_candidate(e, ids, p.bits, device))
         e[ids] = 0
     candidates.append(_svd_candidate(e, q_max, p, device))
-    return fitted, candidates, sampled
+    return candidates, sampled
 
 
 def _svd_candidate(e, q_max, p, device):
