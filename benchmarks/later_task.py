@@ -64,7 +64,7 @@ def _grown(first, work, later, task, joint, methods, accuracy=None):
                          **({"accuracy": accuracy(store, later)} if accuracy else {})})
             print(rows[-1], file=sys.stderr, flush=True)
             # from the share of raw it took on disk: below the budget where its ranks stop at --max-rank
-            budget = disk_share(before, after) * joint["stored_bytes"] / grown
+            budget = disk_share(before, after) * joint["bytes"] / grown
             shutil.rmtree(path, ignore_errors=True)
     return rows
 
@@ -72,7 +72,7 @@ def _grown(first, work, later, task, joint, methods, accuracy=None):
 def _joint(store, task, accuracy=None):
     r = _row(store, task)
     return {"later_task": task, "budget": store.meta["params"]["budget"], "rel_error": r["rel_error"], "bytes": r["stored_bytes"],
-            "stored_bytes": r["stored_bytes"], **({"accuracy": accuracy(store, task)} if accuracy else {})}
+            **({"accuracy": accuracy(store, task)} if accuracy else {})}
 
 
 def run(layout, n_tasks, work, cache, methods):
