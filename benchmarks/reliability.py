@@ -267,8 +267,9 @@ def fork_context():
     return _fork_context
 
 
-def _cli_child(argv, out_path, err_path):
-    """Body of a forked tvbase process: ``tvbase ARGV`` with stdout/stderr in files."""
+def _cli_child(argv, out_path, err_path, rc_path):
+    """Body of a forked tvbase process: ``tvbase ARGV`` with stdout/stderr in files, and its exit
+    code in ``rc_path`` as well (see ``TvbaseProcess._forked_exitcode``)."""
     sys.stdout = open(out_path, "w", buffering=1)
     sys.stderr = open(err_path, "w", buffering=1)
     sys.argv = ["tvbase", *argv]
@@ -281,7 +282,7 @@ def _cli_child(argv, out_path, err_path):
     code = 0 if code is None else code if isinstance(code, int) else 1
     sys.stdout.flush()
     sys.stderr.flush()
-    Path(f"{out_path[:-len('.stdout')]}.rc").write_text(str(code))  # see TvbaseProcess._forked_exitcode
+    Path(rc_path).write_text(str(code))
     sys.exit(code)
 
 
@@ -304,7 +305,7 @@ class TvbaseProcess:
                 self._proc = subprocess.Popen([*TVBASE, *args], stdout=out, stderr=err, env=_env())
             self.pid = self._proc.pid
         elif launcher == "fork":
-            self._proc = fork_context().Process(target=_cli_child, args=(args, str(self.out_path), str(self.err_path)))
+            self._proc = fork_context().Process(target=_cli_child, args=(args, str(self.out_path), str(self.err_path), str(self.rc_path)))
             self._proc.start()
             self.pid = self._proc.pid
         else:

@@ -514,7 +514,7 @@ class _Fit:
                 lo, hi = (mid, hi) if plan(mid)[1] > budget else (lo, mid)
             keeps, _ = plan(hi)
         spent = 0.0
-        for (t, name), basis in list(self._joined.items()):
+        for t, name in list(self._joined):
             if keeps[t, name]:
                 spent += core_cost[t, name]
                 continue
@@ -708,7 +708,7 @@ class _Fit:
             if own is not None:
                 options.append(("own", *own))
             for option, option_candidates, option_sampled in options:
-                tag = () if option in (None, "core") else (option,)
+                tag = ("own",) if option == "own" else ()  # the core's option keeps the plain keys
                 if option_sampled is not None:
                     self._spill.put_tensor(("sparse", t, name, *tag), option_sampled)
                 for part, cost, gain, error, *factors in option_candidates:
