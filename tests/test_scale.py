@@ -266,3 +266,26 @@ def test_later_task_benchmark_compares_at_the_joint_fits_bytes(cache, zoo, tmp_p
         assert equal["error_ratio"] == pytest.approx(equal["rel_error"] / joint["rel_error"])
     table = (tmp_path / "out" / "later_task.md").read_text()
     assert table.count("| t03 |") == 5 and "joint fit" in table
+
+
+def test_rebuild_bandwidth_compares_the_bytes_written_with_a_plain_copy(zoo, tmp_path):
+    from benchmarks import rebuild_bandwidth
+    from tvbase import Store
+
+    out = tmp_path / "out"
+    assert rebuild_bandwidth.main(["--zoo", str(zoo.root), "--tasks", "2", "--task", "t01", "--device", "cpu",
+                                   "--repeat", "1", "--out", str(out)]) == 0
+    r = json.loads((out / "rebuild_bandwidth.json").read_text())
+    assert r["task"] == "t01" and r["device"] == "cpu" and r["tensors"] == len(TINY.tensors)
+    assert r["bytes_written"] == 4 * TINY.n_params  # every tensor rebuilt whole, as float32
+    for key in ("device_s", "from_store_s", "copy_bytes_per_s", "fill_bytes_per_s"):
+        assert r[key] > 0
+    assert r["device_bytes_per_s"] == pytest.approx(r["bytes_written"] / r["device_s"])
+    assert r["device_over_copy"] == pytest.approx(r["device_bytes_per_s"] / r["copy_bytes_per_s"])
+    assert r["tasks_ingested"] == 2 and r["ingest_over_read_pass"] == pytest.approx(r["ingest_s"] / r["read_pass_s"])
+    table = (out / "rebuild_bandwidth.md").read_text()
+    assert "| rebuild on the device (factors read) |" in table and "| rebuild from the store |" in table and "plain read pass" in table
+    store_dir = tmp_path / "s.tvb"
+    Store.create(store_dir, zoo.base).ingest({"t00": zoo.task(0)}, progress=False)
+    with pytest.raises(SystemExit, match="no task 'nope'"):
+        rebuild_bandwidth.main(["--store", str(store_dir), "--task", "nope", "--out", str(out)])

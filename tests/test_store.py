@@ -598,3 +598,23 @@ def test_bf16_store(tmp_path, zoo):
     base = load_file(zoo.bf16_base)
     expected = {name: tuned[name].float() - base[name].float() for name in base}
     assert relative_error(store.get("fp32", device="cpu"), expected) < 0.2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ingest_and_rebuild_on_cuda_keep_what_the_cpu_does(tmp_path, zoo):
+    """The fit and the rebuild on CUDA: every task's error as on the CPU (within the randomized
+    fit's rounding, not bit for bit), and a CUDA rebuild of the CUDA store equal to its CPU one."""
+    tasks = dict(list(zoo.tasks.items())[:4])
+    stores = {}
+    for device in ("cpu", "cuda"):
+        stores[device] = Store.create(tmp_path / device, zoo.base, params=FitParams(budget=0.5, n_clusters=2))
+        stores[device].ingest(tasks, device=device, progress=False)
+    recorded = {r["name"]: r["rel_error"] for r in stores["cuda"].ls()}
+    for t in tasks:
+        on_cuda = stores["cuda"].get(t, device="cuda")
+        assert all(v.device.type == "cuda" for v in on_cuda.values())
+        on_cuda = {k: v.cpu() for k, v in on_cuda.items()}
+        # bfloat16 products round by at most sqrt(2 * BF16_ERROR_SHARE) < 0.05 of the recorded error
+        assert relative_error(on_cuda, stores["cuda"].get(t, device="cpu")) <= 1e-4 + 0.05 * recorded[t]
+        errors = [relative_error(stores[d].get(t, device="cpu"), zoo.task_vectors[t]) for d in ("cpu", "cuda")]
+        assert errors[1] == pytest.approx(errors[0], rel=0.05)
