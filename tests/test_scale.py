@@ -289,3 +289,22 @@ def test_rebuild_bandwidth_compares_the_bytes_written_with_a_plain_copy(zoo, tmp
     Store.create(store_dir, zoo.base).ingest({"t00": zoo.task(0)}, progress=False)
     with pytest.raises(SystemExit, match="no task 'nope'"):
         rebuild_bandwidth.main(["--store", str(store_dir), "--task", "nope", "--out", str(out)])
+
+
+def test_device_check_script_refuses_clearly_without_its_wheels(tmp_path):
+    """The one-shot GPU script: a usage line for an unknown step, and a clear refusal, before
+    any work, where the wheels it installs on the GPU machine were not carried."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "repo"
+    (copy / "benchmarks").mkdir(parents=True)
+    shutil.copy(root / "benchmarks" / "device_check.sh", copy / "benchmarks")
+    script = str(copy / "benchmarks" / "device_check.sh")
+    usage = subprocess.run(["bash", script, "bogus"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bash benchmarks/device_check.sh prepare|run" in usage.stderr
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", script, "run"], capture_output=True, text=True, env={**os.environ, "OUT": str(out)})
+    assert run.returncode == 2 and "no wheels in .whl" in run.stdout + run.stderr
+    assert not (out / "pytest.txt").exists()  # nothing ran
