@@ -38,6 +38,30 @@ def test_positions_follow_the_documented_hash():
     assert positions(5000, seed, threshold).tolist() == expected
 
 
+@pytest.mark.parametrize("numel", [0, 1, 5000, 3 * 1024 + 7])
+def test_positions_are_the_same_hashed_by_numpy_or_by_torch(numel, monkeypatch):
+    """The host path (numpy uint32) and the device path (torch int64, run here on the CPU) pick
+    the same entries, across block boundaries and for every seed's top bit."""
+    from tvbase.codec import sparse
+
+    monkeypatch.setattr(sparse, "_BLOCK", 1024)  # several blocks of each
+    monkeypatch.setattr(sparse, "_DEVICE_BLOCK", 1000)
+    for seed in (0, tensor_seed(7, "w1.weight"), 2**32 - 1):
+        for threshold in (0, keep_threshold(0.3), 2**THRESHOLD_BITS):
+            host = positions(numel, seed, threshold)
+            assert host.dtype == torch.int64 and host.device.type == "cpu"
+            assert host.tolist() == sparse._device_positions(numel, seed, threshold, "cpu").tolist()
+            assert host.tolist() == [i for i in range(numel) if _fmix32(i ^ seed) >> (32 - THRESHOLD_BITS) < threshold]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_positions_hashed_on_cuda_are_those_of_the_cpu():
+    seed = tensor_seed(5, "w2.weight")
+    on_cuda = positions(5_000_000, seed, keep_threshold(0.2), "cuda")
+    assert on_cuda.device.type == "cuda"
+    assert torch.equal(on_cuda.cpu(), positions(5_000_000, seed, keep_threshold(0.2)))
+
+
 def test_positions_nest_keep_their_fraction_and_depend_on_the_seed():
     seed = tensor_seed(3, "w1.weight")
     many, few = positions(200_000, seed, keep_threshold(0.1)), positions(200_000, seed, keep_threshold(0.02))

@@ -197,10 +197,10 @@ def _sparse_positions(numel, tt, device="cpu"):
     """The flat positions of a task's sparse residual in a matrix of ``numel`` entries."""
     if tt.sparse_mask is None:
         raise IntegrityError("a sparse residual is stored without the seed of its positions; run `tvbase verify`")
-    pos, problem = checked_positions(numel, *tt.sparse_mask, tt.sparse.shape[0])
+    pos, problem = checked_positions(numel, *tt.sparse_mask, tt.sparse.shape[0], device)
     if problem:
         raise IntegrityError(f"{problem}; run `tvbase verify`")
-    return torch.from_numpy(pos).to(device)
+    return pos
 
 
 @torch.no_grad()

@@ -13,7 +13,9 @@ follow from two integers kept in the task's metadata, through a hash fixed here:
 - the kept values are stored in that (ascending) order, as a (k, 1) matrix of codes.
 
 Positions of a smaller threshold are a subset of those of a larger one (same hash), and every
-matrix holds fewer than 2**32 entries. Pure numpy, so every machine computes the same positions.
+matrix holds fewer than 2**32 entries. Integer arithmetic only, so every machine and device
+computes the same positions: numpy's uint32 on the CPU, exact int64 products on a GPU (where
+hashing on the host would take longer than the rest of a rebuild).
 """
 
 import zlib
@@ -21,7 +23,9 @@ import zlib
 import numpy as np
 
 THRESHOLD_BITS = 24  # keep probabilities are multiples of 2**-24
-_BLOCK = 1 << 20  # entries hashed at a time: the temporaries stay in cache
+_BLOCK = 1 << 20  # entries hashed at a time on the CPU: the temporaries stay in cache
+_DEVICE_BLOCK = 1 << 22  # entries hashed at a time on a GPU (int64 temporaries of 32 MiB)
+_MASK32 = 0xFFFFFFFF
 
 
 def keep_threshold(keep):
@@ -52,9 +56,9 @@ def record_problem(record):
     return None
 
 
-def checked_positions(numel, seed, threshold, count):
+def checked_positions(numel, seed, threshold, count, device=None):
     """:func:`positions`, and a message if they are not ``count`` (the values stored), else None."""
-    pos = positions(numel, seed, threshold)
+    pos = positions(numel, seed, threshold, device)
     if len(pos) != count:
         return pos, f"a sparse residual holds {count} values, its seed and threshold pick {len(pos)} entries"
     return pos, None
@@ -70,10 +74,30 @@ def _fmix32(h):
     return h
 
 
-def positions(numel, seed, threshold):
-    """Ascending flat positions (int64) of the entries kept among ``numel`` (see module docstring)."""
-    if not 0 <= numel < 2**32:
-        raise ValueError(f"a sparse residual covers fewer than 2**32 entries, got {numel}")
+def _mul32(h, c):
+    """``h * c mod 2**32`` for an int64 tensor ``h`` in [0, 2**32) and a 32-bit constant ``c``,
+    in two halves of ``c`` so that no product reaches 2**63 (int64 overflow is not defined)."""
+    return (h * (c & 0xFFFF) + ((h * (c >> 16)) & 0xFFFF) * 65536) & _MASK32
+
+
+def _device_positions(numel, seed, threshold, device):
+    """:func:`positions` computed with torch on ``device``: :func:`_fmix32` in int64."""
+    import torch
+
+    parts = []
+    for start in range(0, numel, _DEVICE_BLOCK):
+        h = torch.arange(start, min(start + _DEVICE_BLOCK, numel), dtype=torch.int64, device=device) ^ int(seed)
+        h = h ^ (h >> 16)
+        h = _mul32(h, 0x85EBCA6B)
+        h = h ^ (h >> 13)
+        h = _mul32(h, 0xC2B2AE35)
+        h = h ^ (h >> 16)
+        parts.append(torch.nonzero((h >> (32 - THRESHOLD_BITS)) < int(threshold)).squeeze(1) + start)
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+
+
+def _host_positions(numel, seed, threshold):
+    """:func:`positions` with numpy's uint32 arithmetic."""
     limit = np.uint32(threshold)
     parts = []
     for start in range(0, numel, _BLOCK):
@@ -81,3 +105,16 @@ def positions(numel, seed, threshold):
         h ^= np.uint32(seed)
         parts.append(np.flatnonzero((_fmix32(h) >> np.uint32(32 - THRESHOLD_BITS)) < limit) + start)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def positions(numel, seed, threshold, device=None):
+    """Ascending flat positions of the entries kept among ``numel`` (see module docstring): an
+    int64 tensor on ``device`` (default the CPU), hashed there."""
+    import torch  # here: `ls`, `info` and `log` read records through this module without torch
+
+    if not 0 <= numel < 2**32:
+        raise ValueError(f"a sparse residual covers fewer than 2**32 entries, got {numel}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu":
+        return torch.from_numpy(_host_positions(numel, seed, threshold))
+    return _device_positions(numel, seed, threshold, device)

@@ -383,7 +383,7 @@ class _Fit:
                 left = sampled.double()
                 if tt.A is not None:  # one product, as a rebuild forms it: faster than a gather per entry
                     lowrank = rebuild_tensor((m, n), [(1.0, None, TaskTensor(A=tt.A.load(), B=tt.B.load()))], device=self.device)
-                    left -= lowrank.reshape(-1)[torch.from_numpy(positions(m * n, *mask)).to(lowrank.device)].double().cpu()
+                    left -= lowrank.reshape(-1)[positions(m * n, *mask, lowrank.device)].double().cpu()
                 q = quantize_clipped((left / keep).float()[:, None], self.p.sparse_bits)
                 stored = dequantize(q)[:, 0].double()
                 # ||E - S||^2 = ||E||^2 - 2 <E, S> + ||S||^2, S nonzero only at the sampled entries
@@ -879,7 +879,7 @@ def _residual_candidates(e, q_max, rows, sparse, p):
     device = e.device
     sampled = None
     if sparse is not None:
-        sampled = e.reshape(-1)[torch.from_numpy(positions(e.numel(), *sparse)).to(device)].cpu()
+        sampled = e.reshape(-1)[positions(e.numel(), *sparse, device)].cpu()
     candidates = []
     ids = _outlying_rows(e) if rows else None
     if ids is not None:
