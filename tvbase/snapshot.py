@@ -64,13 +64,20 @@ class Snapshot:
         Terms are combined in sorted task order, so equal requests give equal bits whatever the
         order of the dict.
         """
-        from .devices import bf16_products  # torch: loaded by the first rebuild, not by ls/info/log
-        from .reconstruct import bf16_tolerance, rebuild_tensor
+        from .reconstruct import rebuild_tensor  # torch: loaded by the first rebuild, not by ls/info/log
 
-        # bfloat16 products only where their rounding keeps every task's recorded error true
+        return rebuild_tensor(self.shapes[name], self._terms(name, coefficients), device=device,
+                              bf16_tolerance=self.bf16_tolerance(coefficients, device))
+
+    def bf16_tolerance(self, coefficients, device):
+        """The bfloat16 tolerance a rebuild of ``coefficients`` on ``device`` passes to
+        :func:`tvbase.reconstruct.rebuild_tensor`: bfloat16 products only where the device has
+        units for them and their rounding keeps every task's recorded error true; else None."""
+        from .devices import bf16_products
+        from .reconstruct import bf16_tolerance
+
         errors = [self.meta["tasks"][t].get("rel_error") or 0.0 for t in coefficients]
-        tolerance = bf16_tolerance(errors) if bf16_products(device) else None
-        return rebuild_tensor(self.shapes[name], self._terms(name, coefficients), device=device, bf16_tolerance=tolerance)
+        return bf16_tolerance(errors) if bf16_products(device) else None
 
     def factors(self, name, coefficients, device):
         """The same sum for a matrix as factors ``(L (m, k), R (n, k))`` with ``L @ R.T`` equal to
